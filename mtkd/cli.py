@@ -1,0 +1,112 @@
+"""The library's command line: ``train-teacher``, ``eval`` and ``distill --runtime inprocess``.
+
+The installed ``mtkd`` console script (``services.cli``) extends this parser with the Ray runtime,
+``serve-teacher``, ``serve-agent`` and ``demo``; ``python -m mtkd.cli`` works without Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from mtkd.checkpoint import CheckpointError
+from mtkd.config import ConfigError, ExperimentConfig, TeacherTrainConfig, load_config
+from mtkd.engine import NonFiniteLossError, PoolMismatchError
+from mtkd.registry import UnknownNameError
+
+USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, PoolMismatchError, UnknownNameError,
+               FileNotFoundError, FileExistsError, ValueError)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML experiment file (configs/...)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+
+
+def load_experiment(args: argparse.Namespace) -> ExperimentConfig:
+    """The experiment of ``--config`` + overrides, or of ``RUN_DIR/config.yaml`` when resuming."""
+    path = args.config
+    if getattr(args, "resume", None):
+        if args.config:
+            raise ConfigError("--resume takes the run's saved config; pass overrides only, not --config")
+        path = f"{args.resume}/config.yaml"
+        args.overrides = [*args.overrides, f"output_dir={args.resume}"]
+    return load_config(ExperimentConfig, path, args.overrides)
+
+
+def cmd_train_teacher(args: argparse.Namespace) -> dict:
+    from mtkd.teacher_training import train_teacher
+
+    cfg = load_config(TeacherTrainConfig, args.config, args.overrides)
+    return train_teacher(cfg, progress=not args.quiet, overwrite=args.overwrite)
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from mtkd.teacher_training import evaluate_checkpoint
+
+    return evaluate_checkpoint(args.checkpoint, args.dataset, args.root)
+
+
+def cmd_distill_inprocess(args: argparse.Namespace) -> dict:
+    from mtkd.runner import run_inprocess
+
+    config = load_experiment(args)
+    if config.runtime.runtime != "inprocess":
+        raise ConfigError(f"runtime {config.runtime.runtime!r} needs the service package: run the installed `mtkd` "
+                          f"command, or pass runtime.runtime=inprocess")
+    summary = run_inprocess(config, resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch,
+                            progress=not args.quiet, overwrite=args.overwrite)
+    summary.pop("history", None)
+    return summary
+
+
+def build_parser(distill: Callable[[argparse.Namespace], dict] = cmd_distill_inprocess) -> argparse.ArgumentParser:
+    """The parser; each sub-command sets ``func`` (returns a JSON-able summary)."""
+    parser = argparse.ArgumentParser(prog="mtkd", description="Multi-teacher knowledge distillation with RL (MTKD-RL)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-teacher", help="train one network on a dataset; write a teacher checkpoint")
+    add_config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_teacher)
+
+    p = sub.add_parser("eval", help="test accuracy of a checkpoint folder")
+    p.add_argument("checkpoint", help="a teacher or exported student folder")
+    p.add_argument("--dataset", help="dataset name (default: the one in the checkpoint's metadata)")
+    p.add_argument("--root", help="dataset folder (default: the dataset's default location)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("distill", help="distill a student from a teacher pool")
+    add_config_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint")
+    p.add_argument("--stop-after-epoch", type=int, help="stop after this epoch (checkpoint written; resumable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=distill)
+    return parser
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse, run, print the JSON summary; user errors print one line and exit 2 (NaN loss: 3)."""
+    args = parser.parse_args(argv)
+    try:
+        summary = args.func(args)
+    except NonFiniteLossError as exc:
+        print(f"mtkd: error: {exc} (the last good checkpoint is kept)", file=sys.stderr)
+        return 3
+    except USER_ERRORS as exc:
+        print(f"mtkd: error: {exc}", file=sys.stderr)
+        return 2
+    if summary is not None:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Datasets (in-memory uint8 splits), seeded batch augmentation and a shardable batch loader.
+
+Importing this package registers every loader in ``DATASETS``:
+``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``image_folder``.
+"""
+from mtkd.data import cifar, folder, idx  # noqa: F401  (registers the loaders)
+from mtkd.data.augment import AugmentParams, apply_augment, augment_batch, augment_params, normalize
+from mtkd.data.cifar import RestrictedUnpickler, UnsafePickleError
+from mtkd.data.dataset import ImageDataset, channel_stats, subset
+from mtkd.data.idx import read_idx
+from mtkd.data.loader import Batch, BatchLoader, augment_generator, derive_seed, epoch_order
+from mtkd.data.registry import DATASETS, load_dataset, train_test
+
+__all__ = [
+    "DATASETS",
+    "AugmentParams",
+    "Batch",
+    "BatchLoader",
+    "ImageDataset",
+    "RestrictedUnpickler",
+    "UnsafePickleError",
+    "apply_augment",
+    "augment_batch",
+    "augment_generator",
+    "augment_params",
+    "channel_stats",
+    "derive_seed",
+    "epoch_order",
+    "load_dataset",
+    "normalize",
+    "read_idx",
+    "subset",
+    "train_test",
+]

@@ -1,0 +1,169 @@
+"""Teacher-weighting strategies behind one interface (SPEC.md section 3).
+
+A strategy sees the step's inputs and returns per-sample teacher weights ``(wL, wF)``; the
+engine owns the losses. Adding a strategy is one class registered here (or anywhere, with
+``@STRATEGIES.register``) plus a config value: the training loop never changes.
+
+YAML::
+
+    distill:
+      strategy: mtkd_rl     # ce | aver | ebkd | camkd | mtkd_rl
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mtkd.registry import Registry
+
+from .losses import inverted_softmax_over_teachers, per_sample_ce, prediction_entropy
+from .state import AgentState
+
+STRATEGIES: Registry = Registry("strategy")
+
+
+@dataclass
+class StepInputs:
+    """What a strategy may look at for one batch (B samples, M teachers, C classes).
+
+    Attributes:
+        teacher_logits: per teacher ``[B, C]``.
+        targets: ``[B]``.
+        state: the agent state, present when the strategy ``needs_state``.
+        warmup: True during the warm-up epochs.
+    """
+
+    teacher_logits: list[torch.Tensor]
+    targets: torch.Tensor
+    state: AgentState | None = None
+    warmup: bool = False
+
+
+@dataclass
+class StepFeedback:
+    """What the engine tells a strategy after the step: the state, the raw reward ``[B]`` and the
+    weights that were used ``[B, M]``."""
+
+    state: AgentState | None
+    reward: torch.Tensor
+    weight_logit: torch.Tensor
+    weight_feature: torch.Tensor
+    warmup: bool
+
+
+@dataclass
+class Weights:
+    """Teacher weights of a batch: ``logit`` and ``feature`` ``[B, M]``, plus diagnostics."""
+
+    logit: torch.Tensor
+    feature: torch.Tensor
+    diagnostics: dict[str, float] = field(default_factory=dict)
+
+
+class Strategy:
+    """Base class. Subclasses implement :meth:`weights`; learning strategies also ``observe``."""
+
+    uses_teachers = True  # False: the engine skips teachers, projectors and distillation terms
+    needs_state = False  # True: the engine builds the agent state for ``weights``
+
+    def weights(self, inputs: StepInputs) -> Weights:
+        raise NotImplementedError
+
+    def observe(self, feedback: StepFeedback) -> dict[str, float]:
+        """Learn from a finished step. Returns diagnostics (empty for fixed strategies)."""
+        return {}
+
+    def end_epoch(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _uniform(inputs: StepInputs, value: float) -> torch.Tensor:
+    batch, num_teachers = inputs.targets.shape[0], len(inputs.teacher_logits)
+    return torch.full((batch, num_teachers), value, device=inputs.targets.device)
+
+
+@STRATEGIES.register(name="ce")
+class CrossEntropyOnly(Strategy):
+    """No distillation: the student learns from labels only (the lower bound)."""
+
+    uses_teachers = False
+
+    def weights(self, inputs: StepInputs) -> Weights:
+        zeros = torch.zeros(inputs.targets.shape[0], 0, device=inputs.targets.device)
+        return Weights(zeros, zeros)
+
+
+@STRATEGIES.register(name="aver")
+class EqualWeights(Strategy):
+    """``wL = wF = 1/M``: classic equal-weight multi-teacher KD."""
+
+    def weights(self, inputs: StepInputs) -> Weights:
+        w = _uniform(inputs, 1.0 / len(inputs.teacher_logits))
+        return Weights(w, w)
+
+
+@STRATEGIES.register(name="ebkd")
+class EntropyBased(Strategy):
+    """``w = (1 - softmax_m(H)) / (M - 1)``, H the entropy of each teacher's prediction."""
+
+    def weights(self, inputs: StepInputs) -> Weights:
+        entropy = torch.stack([prediction_entropy(z) for z in inputs.teacher_logits], dim=1)
+        w = inverted_softmax_over_teachers(entropy)
+        return Weights(w, w)
+
+
+@STRATEGIES.register(name="camkd")
+class ConfidenceAware(Strategy):
+    """``w = (1 - softmax_m(CE(z_t, y))) / (M - 1)`` for both logit and feature terms."""
+
+    def weights(self, inputs: StepInputs) -> Weights:
+        ce = torch.stack([per_sample_ce(z, inputs.targets) for z in inputs.teacher_logits], dim=1)
+        w = inverted_softmax_over_teachers(ce)
+        return Weights(w, w)
+
+
+@STRATEGIES.register(name="mtkd_rl")
+class ReinforcedWeights(Strategy):
+    """MTKD-RL: an agent chooses the weights; ones during warm-up.
+
+    Args:
+        agent: anything with ``act(state) -> (wL, wF)``, ``observe(vector, reward, wL, wF) -> bool``,
+            ``end_epoch() -> bool``, ``rule``, ``version``, ``last_update`` and ``state_dict``/
+            ``load_state_dict`` (:class:`mtkd.distill.agent.Agent` in process, a proxy to the
+            agent actor on Ray).
+    """
+
+    needs_state = True
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def weights(self, inputs: StepInputs) -> Weights:
+        if inputs.warmup:
+            ones = _uniform(inputs, 1.0)
+            return Weights(ones, ones)
+        weight_logit, weight_feature = self.agent.act(inputs.state)
+        return Weights(weight_logit, weight_feature, {"agent/version": float(self.agent.version)})
+
+    def observe(self, feedback: StepFeedback) -> dict[str, float]:
+        if feedback.warmup and self.agent.rule == "reinforce":
+            return {}  # no action was drawn from the policy: nothing to learn from
+        acted = (feedback.weight_logit, feedback.weight_feature) if self.agent.rule == "reinforce" else (None, None)
+        updated = self.agent.observe(feedback.state.vector, feedback.reward, *acted)
+        return dict(self.agent.last_update) if updated else {}
+
+    def end_epoch(self) -> dict[str, float]:
+        return dict(self.agent.last_update) if self.agent.end_epoch() else {}
+
+    def state_dict(self) -> dict:
+        return {"agent": self.agent.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.agent.load_state_dict(state["agent"])

@@ -1,0 +1,45 @@
+"""The model registry and the public entry points that use it (timm style)."""
+from __future__ import annotations
+
+from torch import nn
+
+from mtkd.models._base import check_sizes
+from mtkd.registry import Registry
+
+MODELS: Registry = Registry("model")
+"""Registered network factories ``f(num_classes=10, in_channels=3, **kwargs) -> nn.Module``."""
+
+
+def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
+    """Build a registered network.
+
+    Args:
+        name: a name from :func:`list_models`, e.g. ``"resnet56"``.
+        num_classes: C, classes of the classifier (>= 2).
+        in_channels: channels of the input images (>= 1; 1 for Fashion-MNIST).
+        **kwargs: family-specific options, e.g. ``width_mult`` for ``mobilenetv2``.
+
+    Returns:
+        A module mapping ``[B, in_channels, H, W]`` (H, W >= 16) to
+        ``Outputs(logits [B, C], embedding [B, D], feature [B, K, H', W'])``.
+
+    Raises:
+        UnknownNameError: (a ``KeyError`` and ``ValueError``) for an unknown name; lists close matches.
+        ValueError: for a bad ``num_classes`` or ``in_channels``.
+
+    Example YAML:
+        ``student: {name: resnet56, kwargs: {}}``
+    """
+    factory = MODELS.get(name)
+    check_sizes(num_classes, in_channels)
+    return factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted registered model names matching the fnmatch ``pattern`` (e.g. ``"resnet*"``)."""
+    return MODELS.names(pattern)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters of ``model`` (shared tensors counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

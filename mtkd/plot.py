@@ -1,0 +1,38 @@
+"""PNG plots of a run's metrics (matplotlib, no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_run(metrics: list[dict], path: str | Path, title: str = "") -> None:
+    """Accuracy per epoch (train/test) and the mean logit/feature weight per teacher.
+
+    Args:
+        metrics: epoch records as written to ``metrics.jsonl``.
+        path: PNG file to write.
+    """
+    if not metrics:
+        return
+    epochs = [m["epoch"] for m in metrics]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for key, label in (("train/acc", "train"), ("test/acc", "test")):
+        axes[0].plot(epochs, [m.get(key) for m in metrics], marker="o", label=label)
+    axes[0].set(title="top-1 accuracy", xlabel="epoch", ylabel="accuracy")
+    axes[0].legend()
+    for axis, kind in ((axes[1], "logit"), (axes[2], "feature")):
+        keys = sorted({k for m in metrics for k in m if k.startswith(f"weights/{kind}/")})
+        for key in keys:
+            axis.plot(epochs, [m.get(key) for m in metrics], marker="o", label=key.split("/", 2)[2])
+        axis.set(title=f"mean {kind}-KD weight per teacher", xlabel="epoch", ylabel="weight")
+        if keys:
+            axis.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

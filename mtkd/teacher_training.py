@@ -1,0 +1,67 @@
+"""``mtkd train-teacher`` and ``mtkd eval``: supervised training of one network, and evaluation
+of any checkpoint. Teacher training is the engine with the ``ce`` strategy and no teachers."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from mtkd.config import DistillConfig, ExperimentConfig, RuntimeConfig, TeacherTrainConfig, save_config
+from mtkd.data import BatchLoader, train_test
+from mtkd.engine import Distiller, evaluate_model
+from mtkd.experiment import RunDirectory, eval_loader, load_data, train_loader
+from mtkd.runner import FitHooks, fit, prepare_run_dir
+from mtkd.teachers import LocalTeacherPool, load_model_checkpoint, save_teacher
+
+
+def as_experiment(cfg: TeacherTrainConfig) -> ExperimentConfig:
+    """The teacher's training as an experiment: ``ce`` strategy, empty pool, its own run folder."""
+    return ExperimentConfig(seed=cfg.seed, output_dir=str(Path(cfg.output_dir) / "run"), student=cfg.model,
+                            teachers=[], data=cfg.data, optim=cfg.optim, distill=DistillConfig(strategy="ce"),
+                            runtime=RuntimeConfig(runtime="inprocess", prefetch=0, threads=cfg.threads))
+
+
+def train_teacher(cfg: TeacherTrainConfig, progress: bool = True, overwrite: bool = False) -> dict:
+    """Train ``cfg.model`` on ``cfg.data`` and write a teacher checkpoint folder to ``cfg.output_dir``.
+
+    Returns:
+        The checkpoint's metadata (model, classes, input shape, dataset, test accuracy, digest...).
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    experiment = as_experiment(cfg)
+    torch.manual_seed(cfg.seed)
+    train_set, test_set = load_data(cfg.data, cfg.seed)
+    distiller = Distiller(experiment, LocalTeacherPool([]), train_set.num_classes, train_set.image_shape)
+    run = RunDirectory(experiment.output_dir)
+    prepare_run_dir(run, resume=False, overwrite=overwrite)
+    save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    start = time.perf_counter()
+    history = fit(distiller, train_loader(train_set, cfg.data, cfg.seed), eval_loader(test_set, cfg.data), run,
+                  train_set, FitHooks(progress=progress))
+    meta = {
+        "model": cfg.model, "num_classes": train_set.num_classes, "in_channels": train_set.image_shape[0],
+        "input_shape": list(train_set.image_shape), "class_names": list(train_set.class_names or []),
+        "dataset": {"name": train_set.name, "digest": train_set.digest, "train_samples": len(train_set),
+                    "test_samples": len(test_set), "mean": list(train_set.mean), "std": list(train_set.std)},
+        "test_accuracy": history[-1]["test/acc"], "epochs": cfg.optim.epochs, "seed": cfg.seed,
+        "train_seconds": round(time.perf_counter() - start, 1),
+    }
+    return save_teacher(cfg.output_dir, distiller.module.student, meta)
+
+
+def evaluate_checkpoint(folder: str | Path, data_name: str | None = None, root: str | None = None,
+                        batch_size: int = 500) -> dict:
+    """Top-1 accuracy of a checkpoint folder on the test split of its dataset (or ``data_name``)."""
+    model, meta = load_model_checkpoint(folder)
+    _, test_set = train_test(data_name or meta["dataset"]["name"], root)
+    if test_set.num_classes != meta["num_classes"]:
+        raise ValueError(f"checkpoint {str(folder)!r} predicts {meta['num_classes']} classes but dataset "
+                         f"{test_set.name!r} has {test_set.num_classes}")
+    if tuple(test_set.image_shape) != tuple(meta["input_shape"]):
+        raise ValueError(f"checkpoint {str(folder)!r} takes input {tuple(meta['input_shape'])} but dataset "
+                         f"{test_set.name!r} gives {tuple(test_set.image_shape)}")
+    scores = evaluate_model(model, BatchLoader(test_set, batch_size, shuffle=False))
+    return {"checkpoint": str(folder), "model": meta["model"], "dataset": test_set.name,
+            "samples": len(test_set), "test_accuracy": scores["test/acc"], "test_loss": scores["test/loss"]}
