@@ -62,6 +62,13 @@ _WIRE_DTYPES: dict[int, tuple[torch.dtype, np.dtype]] = {
     _D.DTYPE_UINT8: (torch.uint8, np.dtype("u1")),
 }
 _TORCH_TO_WIRE = {torch_dtype: wire for wire, (torch_dtype, _) in _WIRE_DTYPES.items()}
+# Float formats: (unsigned view, exponent mask). All exponent bits set = NaN or infinity.
+# Testing the bits in numpy is one cheap single-threaded pass for every float format.
+_EXPONENT_BITS: dict[torch.dtype, tuple[np.dtype, int]] = {
+    torch.float32: (np.dtype("<u4"), 0x7F800000),
+    torch.float16: (np.dtype("<u2"), 0x7C00),
+    torch.bfloat16: (np.dtype("<u2"), 0x7F80),
+}
 _FIELD_TO_WIRE = {
     "logits": teacher_pb2.OUTPUT_FIELD_LOGITS,
     "embedding": teacher_pb2.OUTPUT_FIELD_EMBEDDING,
@@ -80,6 +87,12 @@ class InvalidMessage(ValueError):
 
 class InvalidTensor(InvalidMessage):
     """A ``Tensor`` message is malformed, of a wrong dtype or shape, or too large."""
+
+
+def _count_non_finite(wire_array: np.ndarray, dtype: torch.dtype) -> int:
+    """NaNs and infinities in an array holding ``dtype`` values in their wire layout."""
+    unsigned, mask = _EXPONENT_BITS[dtype]
+    return int(np.count_nonzero((wire_array.view(unsigned) & mask) == mask))
 
 
 def _dtype_label(wire: int) -> str:
@@ -111,22 +124,22 @@ def tensor_to_proto(t: torch.Tensor, *, half: bool = False) -> tensor_pb2.Tensor
             values into infinities (magnitudes above float16's 65504). (Encoding
             local data is not a malformed message, hence not :class:`InvalidTensor`.)
     """
-    t = t.detach()
-    if half and t.is_floating_point() and t.dtype != torch.float16:
-        source, t = t, t.to(torch.float16)
-        if not torch.isfinite(t).all() and torch.isfinite(source).all():
-            raise ValueError(
-                f"cannot send a tensor as float16: its largest magnitude is "
-                f"{source.abs().max().item():.4g}, expected at most 65504"
-            )
+    source = t.detach()
+    to_half = half and source.is_floating_point() and source.dtype != torch.float16
+    t = source.to(torch.float16) if to_half else source
     wire = _TORCH_TO_WIRE.get(t.dtype)
     if wire is None:
         raise ValueError(f"cannot send dtype {t.dtype}; expected one of {_dtype_labels(_TORCH_TO_WIRE)}")
     shape = list(t.shape)
     t = t.cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    data = t.numpy().astype(_WIRE_DTYPES[wire][1], copy=False).tobytes()
+    array = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+    array = array.numpy().astype(_WIRE_DTYPES[wire][1], copy=False)
+    if to_half and _count_non_finite(array, torch.float16) and torch.isfinite(source).all():
+        raise ValueError(
+            f"cannot send a tensor as float16: its largest magnitude is "
+            f"{source.abs().max().item():.4g}, expected at most 65504"
+        )
+    data = array.tobytes()
     return tensor_pb2.Tensor(dtype=wire, shape=shape, data=data)
 
 
@@ -155,13 +168,14 @@ def _check_shape(
         return
     context = f" (shape {list(shape)}, expected [{', '.join(_render_dim(d) for d in expected_shape)}])"
     for i, (got, want) in enumerate(zip(shape, expected_shape)):
-        what = dim_names[i] if dim_names else f"size in dimension {i}"
         if isinstance(want, range) and got not in want:
+            what = dim_names[i] if dim_names else f"size in dimension {i}"
             raise InvalidTensor(
                 f"{name} must have {what} between {want.start} and {want.stop - 1}, got {got}{context}"
             )
         if isinstance(want, int) and got != want:
-            raise InvalidTensor(f"{name} must have {want} {what}, got {got}{context}")
+            what = f"{want} {dim_names[i]}" if dim_names else f"size {want} in dimension {i}"
+            raise InvalidTensor(f"{name} must have {what}, got {got}{context}")
 
 
 def proto_to_tensor(
@@ -208,27 +222,25 @@ def proto_to_tensor(
             f"{name} has dtype {_dtype_label(msg.dtype)}, not allowed here; "
             f"expected one of {_dtype_labels(allowed_dtypes)}"
         )
-    if len(msg.data) > max_bytes:
-        raise InvalidTensor(f"{name} has {len(msg.data)} bytes of data, over the limit of {max_bytes} bytes")
     shape = tuple(msg.shape)
     if any(d < 0 for d in shape):
         raise InvalidTensor(f"{name} has negative dimensions in shape {list(shape)}; expected sizes >= 0")
     _check_shape(name, shape, expected_ndim, expected_shape, dim_names)
+    if len(msg.data) > max_bytes:
+        raise InvalidTensor(f"{name} has {len(msg.data)} bytes of data, over the limit of {max_bytes} bytes")
     want_bytes = math.prod(shape) * np_dtype.itemsize
     if len(msg.data) != want_bytes:
         raise InvalidTensor(
             f"{name} has {len(msg.data)} bytes of data, expected {want_bytes} "
             f"(shape {list(shape)} x {np_dtype.itemsize} bytes per {_dtype_label(msg.dtype)})"
         )
-    array = np.frombuffer(msg.data, dtype=np_dtype).reshape(shape).astype(np_dtype.newbyteorder("="))
-    tensor = torch.from_numpy(array)
-    if torch_dtype == torch.bfloat16:
-        tensor = tensor.view(torch.bfloat16)
-    if require_finite and tensor.is_floating_point():
-        bad = int((~torch.isfinite(tensor)).sum())
+    wire_array = np.frombuffer(msg.data, dtype=np_dtype).reshape(shape)
+    if require_finite and torch_dtype in _EXPONENT_BITS:
+        bad = _count_non_finite(wire_array, torch_dtype)
         if bad:
             raise InvalidTensor(f"{name} has {bad} non-finite values (NaN or infinity); expected finite values")
-    return tensor
+    tensor = torch.from_numpy(wire_array.astype(np_dtype.newbyteorder("=")))  # a copy in native order
+    return tensor.view(torch.bfloat16) if torch_dtype == torch.bfloat16 else tensor
 
 
 # ---------------------------------------------------------------------------
@@ -243,6 +255,9 @@ def _require_keys(what: str, info: Mapping[str, Any], keys: Sequence[str]) -> No
 def teacher_info_to_proto(info: Mapping[str, Any], *, max_batch: int) -> teacher_pb2.TeacherInfo:
     """Build ``TeacherInfo`` from a teacher backend's ``describe()`` dict.
 
+    The optional key ``model`` (the zoo architecture, as ``mtkd.teachers.Teacher``
+    reports it) is carried too.
+
     Raises:
         ValueError: ``info`` lacks one of :data:`TEACHER_INFO_KEYS`.
     """
@@ -255,13 +270,15 @@ def teacher_info_to_proto(info: Mapping[str, Any], *, max_batch: int) -> teacher
         feature_shape=[int(d) for d in info["feature_shape"]],
         weights_digest=str(info["digest"]),
         max_batch=max_batch,
+        model=str(info.get("model", "")),
     )
 
 
 def teacher_info_from_proto(msg: teacher_pb2.TeacherInfo) -> dict[str, Any]:
-    """The ``describe()`` dict of a teacher backend, plus the server's ``max_batch``."""
+    """The ``describe()`` dict of a teacher backend (``model`` "" if unknown), plus ``max_batch``."""
     return {
         "name": msg.name,
+        "model": msg.model,
         "num_classes": msg.num_classes,
         "input_shape": tuple(msg.input_shape),
         "embedding_dim": msg.embedding_dim,
@@ -350,6 +367,9 @@ def iter_response_chunks(
     row_bytes = {f: len(t.data) // batch for f, t in tensors.items()}
     framing = _RESPONSE_FRAMING_BYTES + len(response.request_id) + _TENSOR_FRAMING_BYTES * len(tensors)
     per_chunk = max(1, (max_chunk_bytes - framing) // max(1, sum(row_bytes.values())))
+    if per_chunk >= batch:
+        yield response  # one chunk: no copy
+        return
     for start in range(0, batch, per_chunk):
         stop = min(batch, start + per_chunk)
         chunk = teacher_pb2.InferResponse(batch_offset=start, batch_size=batch, request_id=response.request_id)
@@ -391,6 +411,8 @@ def join_response_chunks(chunks: Iterable[teacher_pb2.InferResponse]) -> teacher
         offset += rows.pop()
     if offset != batch:
         raise InvalidMessage(f"stream ended after {offset} samples; expected {batch}")
+    if len(chunks) == 1:
+        return first  # already whole: no copy
     joined = teacher_pb2.InferResponse(batch_offset=0, batch_size=batch, request_id=first.request_id)
     for field, dtype, trailing in layout(first):
         data = b"".join(getattr(chunk, field).data for chunk in chunks)

@@ -112,6 +112,15 @@ def translate_errors(method: Callable) -> Callable:
     return unary_wrapper
 
 
+# (request streaming, response streaming) -> factory of a handler of that kind
+_HANDLER_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
 class _BearerTokenInterceptor(grpc.ServerInterceptor):
     """Refuses calls without metadata ``authorization: Bearer <token>`` (health exempt)."""
 
@@ -134,7 +143,7 @@ class _BearerTokenInterceptor(grpc.ServerInterceptor):
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-        make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
+        make = _HANDLER_FACTORIES[handler.request_streaming, handler.response_streaming]
         return make(deny, request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer)
 
@@ -181,7 +190,8 @@ def start_server(
         RuntimeError: The address could not be bound.
     """
     if (tls_cert is None) != (tls_key is None):
-        raise ValueError(f"TLS needs both tls_cert and tls_key; got cert={tls_cert!r}, key={tls_key!r}")
+        given = "tls_cert" if tls_cert is not None else "tls_key"
+        raise ValueError(f"TLS needs both tls_cert and tls_key; got only {given}")
     if host not in _LOOPBACK_HOSTS and (tls_cert is None or token is None):
         log.warning("gRPC server on %s without %s: anyone who can reach it can use it",
                     host, "TLS" if tls_cert is None else "a token")

@@ -242,10 +242,12 @@ def test_resize_upscale_is_bilinear_literal_and_numpy():
     torch.testing.assert_close(resize_feature_map(x, (1, 4)), torch.tensor([[[[0.0, 0.25, 0.75, 1.0]]]]))
     rng = np.random.default_rng(8)
     x = rng.normal(size=(2, 3, 3, 4))
-    np.testing.assert_allclose(resize_feature_map(t64(x), (7, 8)).numpy(), np_bilinear(x, (7, 8)), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(resize_feature_map(t64(x), (7, 8)).numpy(), np_bilinear(x, (7, 8)), rtol=1e-12,
+                               atol=1e-12)
     # smaller in one dimension only: "at least as large" fails, so bilinear
     y = rng.normal(size=(1, 2, 8, 2))
-    np.testing.assert_allclose(resize_feature_map(t64(y), (4, 4)).numpy(), np_bilinear(y, (4, 4)), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(resize_feature_map(t64(y), (4, 4)).numpy(), np_bilinear(y, (4, 4)), rtol=1e-12,
+                               atol=1e-12)
 
 
 def test_resize_same_size_is_identity():
@@ -590,7 +592,8 @@ def test_reference_agent_loss_log_floor():
     assert loss.item() == pytest.approx(100 * 0.5 / 2, abs=1e-5)
     # the floor is at -100 exactly, not an epsilon: exp(-115) floors to -100, exp(-50) is kept
     w_logit = torch.tensor([[math.exp(-115.0), math.exp(-50.0)]], dtype=torch.float64)
-    loss = reference_agent_loss(w_logit, torch.ones(1, 2, dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64))
+    ones = torch.ones(1, 2, dtype=torch.float64)
+    loss = reference_agent_loss(w_logit, ones, torch.tensor([1.0], dtype=torch.float64))
     assert loss.item() == pytest.approx((100.0 + 50.0) / 2, rel=1e-12)
 
 

@@ -95,20 +95,23 @@ def _to_unit_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``(x - mean) / std`` per channel, with ``x`` in ``[0, 1]`` scale.
+    """``(x - mean) / std`` per channel, with ``x`` in ``[0, 1]`` scale, fused as ``x * scale + shift``.
 
     Args:
-        images: ``[B, C, H, W]`` uint8 (divided by 255) or float already in ``[0, 1]``.
+        images: ``[B, C, H, W]`` uint8 (read as ``x = images / 255``) or float already in ``[0, 1]``.
         mean: C per-channel means (``[0, 1]`` scale).
         std: C per-channel standard deviations.
 
     Returns:
-        ``[B, C, H, W]`` float32.
+        ``[B, C, H, W]`` float32 (a new tensor).
     """
-    if len(mean) != images.shape[1] or len(std) != images.shape[1]:
-        channels = images.shape[1]
+    channels = images.shape[1]
+    if len(mean) != channels or len(std) != channels:
         raise ValueError(f"normalize: {len(mean)} means, {len(std)} stds for {channels} channels; expected equal")
-    x = _to_unit_float(images)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return x.sub_(mean_t).div_(std_t) if x is not images else (x - mean_t) / std_t
+    if not (images.dtype == torch.uint8 or images.is_floating_point()):
+        raise ValueError(f"normalize: expected uint8 or float images; got {images.dtype}")
+    unit = 255.0 if images.dtype == torch.uint8 else 1.0
+    scale = [1.0 / (unit * s) for s in std]
+    shift = [-m / s for m, s in zip(mean, std)]
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)  # noqa: E731
+    return torch.addcmul(as_tensor(shift), images.to(torch.float32), as_tensor(scale))

@@ -18,7 +18,7 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from mtkd.data.augment import augment_batch, normalize
+from mtkd.data.augment import apply_augment, augment_params, normalize
 from mtkd.data.dataset import ImageDataset
 
 
@@ -133,9 +133,10 @@ class BatchLoader:
 
     def _make_batch(self, k: int, index: torch.Tensor) -> Batch:
         images = self.dataset.images[index]  # [B, C, H, W] uint8
-        if self.augment:
+        if self.augment:  # = augment_batch, kept in uint8 so that normalize fuses the scaling
             generator = augment_generator(self.seed, self.epoch, k)
-            images = augment_batch(images, generator, self.crop_padding, self.hflip)
+            params = augment_params(len(index), generator, self.crop_padding, self.hflip)
+            images = apply_augment(images, params, self.crop_padding)
         images = normalize(images, self.dataset.mean, self.dataset.std)
         return Batch(k, images, self.dataset.labels[index])
 

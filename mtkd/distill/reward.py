@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import torch
-
-LOG_FLOOR = -100.0
-
+import torch.nn.functional as F
 
 def raw_reward(
     student_ce: torch.Tensor,
@@ -50,6 +48,9 @@ def reference_agent_loss(weight_logit: torch.Tensor, weight_feature: torch.Tenso
     Returns:
         A scalar tensor.
     """
-    log_logit = torch.log(weight_logit).clamp(min=LOG_FLOOR)
-    log_feature = torch.log(weight_feature).clamp(min=LOG_FLOOR)
-    return (reward_hat[:, None] * (-log_logit - log_feature)).mean()
+    # binary_cross_entropy towards 1 is -log(w) with the log floored at -100 (as the reference's
+    # BCELoss), and unlike clamp(log(w)) its gradient stays finite when a weight is exactly 0.
+    ones = torch.ones_like(weight_logit)
+    nll_logit = F.binary_cross_entropy(weight_logit, ones, reduction="none")
+    nll_feature = F.binary_cross_entropy(weight_feature, ones, reduction="none")
+    return (reward_hat[:, None] * (nll_logit + nll_feature)).mean()

@@ -15,6 +15,6 @@ from mtkd.models.adapter import ModelAdapter
 from mtkd.models.outputs import Outputs
 
 # Imported for their @MODELS.register side effects.
-from mtkd.models import mobilenetv2, regnet, resnet, shufflenetv2, vgg, wrn  # noqa: E402,F401  isort: skip
+from mtkd.models import mobilenetv2, regnet, resnet, shufflenetv2, vgg, wrn  # noqa: F401
 
 __all__ = ["MODELS", "ModelAdapter", "Outputs", "count_parameters", "create_model", "list_models"]

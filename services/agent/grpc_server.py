@@ -208,7 +208,6 @@ class RemoteAgent:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.address = address
-        self.timeout = timeout
         self._call = dict(timeout=timeout, metadata=auth_metadata(token))
         self._channel = open_channel(address, root_cert=root_cert, max_message_bytes=max_message_bytes)
         self._stub = agent_pb2_grpc.AgentServiceStub(self._channel)

@@ -47,6 +47,7 @@ SERVICE_NAME = teacher_pb2.DESCRIPTOR.services_by_name["TeacherService"].full_na
 DEFAULT_MAX_BATCH = 256
 DEFAULT_STREAM_CHUNK_BYTES = 1024 * 1024
 IMAGE_DIMS = ("batch", "channels", "height", "width")
+MAX_REQUEST_ID_CHARS = 128
 
 
 class TeacherBackend(Protocol):
@@ -102,6 +103,10 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         self._lock = threading.Lock()
 
     def _respond(self, request: teacher_pb2.InferRequest) -> teacher_pb2.InferResponse:
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidMessage(
+                f"request_id has {len(request.request_id)} characters, expected at most {MAX_REQUEST_ID_CHARS}"
+            )
         fields = fields_from_proto(request.fields)
         images = proto_to_tensor(request.images, **self._image_spec).float()
         with self._lock:

@@ -24,7 +24,7 @@ class DescribeTeacherRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TeacherInfo(_message.Message):
-    __slots__ = ("name", "num_classes", "input_shape", "embedding_dim", "feature_shape", "weights_digest", "max_batch")
+    __slots__ = ("name", "num_classes", "input_shape", "embedding_dim", "feature_shape", "weights_digest", "max_batch", "model")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class TeacherInfo(_message.Message):
     FEATURE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_classes: int
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -39,7 +40,8 @@ class TeacherInfo(_message.Message):
     feature_shape: _containers.RepeatedScalarFieldContainer[int]
     weights_digest: str
     max_batch: int
-    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., embedding_dim: _Optional[int] = ..., feature_shape: _Optional[_Iterable[int]] = ..., weights_digest: _Optional[str] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., embedding_dim: _Optional[int] = ..., feature_shape: _Optional[_Iterable[int]] = ..., weights_digest: _Optional[str] = ..., max_batch: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("images", "fields", "half_precision", "request_id", "max_chunk_bytes")
