@@ -219,18 +219,23 @@ class Distiller:
             return
         pending: deque = deque()
         batches = iter(loader)
+        prefetch = max(0, self.config.runtime.prefetch)
 
-        def submit_next() -> None:
-            batch = next(batches, None)
-            if batch is not None:
+        def fill(in_flight: int) -> None:
+            while len(pending) < in_flight:
+                batch = next(batches, None)
+                if batch is None:
+                    return
                 pending.append((batch, self.pool.submit(batch.index, batch.images)))
 
-        for _ in range(1 + max(0, self.config.runtime.prefetch)):
-            submit_next()
-        while pending:
+        while True:
+            fill(1 + prefetch)
+            if not pending:
+                return
             batch, ticket = pending.popleft()
-            submit_next()
-            yield batch, self.pool.collect(ticket)
+            teacher_outputs = self.pool.collect(ticket)
+            fill(prefetch)  # the next batches are requested before this one is trained
+            yield batch, teacher_outputs
 
     def train_epoch(self, loader, on_step: Callable[[int, object, StepResult], None] | None = None) -> dict:
         """Train one epoch over ``loader`` (a ``BatchLoader``); returns the epoch's metrics."""

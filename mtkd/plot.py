@@ -36,3 +36,28 @@ def plot_run(metrics: list[dict], path: str | Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def plot_comparison(histories: dict[str, list[dict]], path: str | Path) -> None:
+    """Test accuracy per epoch of several runs, and the mean logit weight per teacher of each.
+
+    Args:
+        histories: strategy name -> its epoch records.
+        path: PNG file to write.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, history in histories.items():
+        axes[0].plot([m["epoch"] for m in history], [m["test/acc"] for m in history], marker="o", label=name)
+    axes[0].set(title="student test accuracy", xlabel="epoch", ylabel="top-1")
+    axes[0].legend()
+    for name, history in histories.items():
+        for key in sorted({k for m in history for k in m if k.startswith("weights/logit/")}):
+            axes[1].plot([m["epoch"] for m in history], [m.get(key) for m in history], marker=".",
+                         label=f"{name}: {key.split('/', 2)[2]}")
+    axes[1].set(title="mean logit-KD weight per teacher", xlabel="epoch", ylabel="weight")
+    if axes[1].lines:
+        axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -84,7 +84,7 @@ def fit(distiller: Distiller, train_ld, test_ld, run: RunDirectory, train_set, h
                                             "loss": result.loss, "ce": result.ce, "kd": result.kd,
                                             "feature": result.feature})
             bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.3f}", acc=f"{result.correct / result.batch:.3f}")
+            bar.set_postfix(loss=f"{result.loss:.3f}", acc=f"{result.correct / result.batch:.3f}", refresh=False)
 
         metrics = distiller.train_epoch(train_ld, on_step)
         bar.close()

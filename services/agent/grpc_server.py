@@ -60,9 +60,9 @@ class AgentBackend(Protocol):
         reward: torch.Tensor,
         weight_logit: torch.Tensor | None = None,
         weight_feature: torch.Tensor | None = None,
-    ) -> tuple[int, bool]: ...
+    ) -> tuple[int, bool] | tuple[int, bool, dict]: ...
 
-    def end_epoch(self) -> tuple[int, bool]: ...
+    def end_epoch(self) -> tuple[int, bool] | tuple[int, bool, dict]: ...
 
     def policy(self) -> tuple[int, dict[str, torch.Tensor]]: ...
 
@@ -130,14 +130,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         weight_logit = self._weights(request, "weight_logit", batch)
         weight_feature = self._weights(request, "weight_feature", batch)
         with self._lock:
-            version, updated = self._backend.observe(states, reward, weight_logit=weight_logit,
-                                                     weight_feature=weight_feature)
+            version, updated, *_ = self._backend.observe(states, reward, weight_logit=weight_logit,
+                                                         weight_feature=weight_feature)
         return agent_pb2.ObserveResponse(policy_version=version, updated=updated)
 
     @translate_errors
     def EndEpoch(self, request, context):
         with self._lock:
-            version, updated = self._backend.end_epoch()
+            version, updated, *_ = self._backend.end_epoch()
         return agent_pb2.ObserveResponse(policy_version=version, updated=updated)
 
     @translate_errors

@@ -1,0 +1,1 @@
+"""The student's training loop as a Ray Train worker loop, and its launcher."""
