@@ -1,0 +1,43 @@
+"""Shared fixtures: a small pool of real teachers trained on real Fashion-MNIST (once per session)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mtkd.config import DataConfig, ExperimentConfig, OptimConfig, TeacherSpec, TeacherTrainConfig, load_config
+from mtkd.data import DATASETS  # noqa: F401  (registers datasets)
+
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="apt-get install dataset-fashion-mnist (make test does)")
+
+TEACHER_MODELS = ("resnet8", "vgg8")
+
+
+@pytest.fixture(scope="session")
+def teacher_dirs(tmp_path_factory) -> list[str]:
+    """Two different small teachers (7x7 and 3x3 feature maps), one epoch on 1536 samples each."""
+    if not FASHION.exists():
+        pytest.skip("Fashion-MNIST is not installed")
+    from mtkd.teacher_training import train_teacher
+
+    root = tmp_path_factory.mktemp("teachers")
+    folders = []
+    for model in TEACHER_MODELS:
+        cfg = TeacherTrainConfig(model=model, output_dir=str(root / model), seed=1,
+                                 data=DataConfig(train_subset=1536, test_subset=256, batch_size=32, crop_padding=2),
+                                 optim=OptimConfig(epochs=1, lr=0.05, nesterov=False, weight_decay=5e-4, milestones=[]))
+        train_teacher(cfg, progress=False)
+        folders.append(cfg.output_dir)
+    return folders
+
+
+def small_experiment(output_dir, teacher_dirs, overrides: list[str] = ()) -> ExperimentConfig:
+    """A few-steps-per-epoch experiment on Fashion-MNIST with the session's teachers."""
+    config = load_config(ExperimentConfig, None, [
+        f"output_dir={output_dir}", "student=resnet8", "data.train_subset=128", "data.test_subset=128",
+        "data.batch_size=32", "data.crop_padding=2", "optim.epochs=2", "optim.milestones=[1]",
+        "agent.agent_step=3", "runtime.runtime=inprocess", *overrides,
+    ])
+    config.teachers = [TeacherSpec(checkpoint=d) for d in teacher_dirs]
+    return config
