@@ -3,6 +3,7 @@ requests in flight. It has the verbs of :class:`mtkd.teachers.LocalTeacherPool`
 (``describe``, ``submit``, ``collect``), so the engine cannot tell them apart."""
 from __future__ import annotations
 
+import uuid
 from collections import deque
 from dataclasses import dataclass
 
@@ -25,13 +26,18 @@ def teacher_source(spec) -> dict:
     return {"checkpoint": spec.checkpoint, "address": spec.address, "name": spec.name or None}
 
 
-def start_teacher_actors(config: ExperimentConfig) -> list[list]:
-    """Start ``replicas`` actors per teacher of ``config``; returns handles per teacher."""
+def start_teacher_actors(config: ExperimentConfig, run_id: str | None = None) -> list[list]:
+    """Start ``replicas`` actors per teacher of ``config``; returns handles per teacher.
+
+    Actors are named ``mtkd-teacher-<teacher>-<replica>-<run_id>`` (findable with ``ray.get_actor``).
+    """
     rt = config.runtime
+    run_id = run_id or uuid.uuid4().hex[:8]
     device = "cuda" if rt.teacher_num_gpus > 0 else "cpu"
     options = {"num_cpus": rt.teacher_num_cpus, "num_gpus": rt.teacher_num_gpus}
-    return [[TeacherActor.options(**options).remote(teacher_source(spec), device) for _ in range(max(1, spec.replicas))]
-            for spec in config.teachers]
+    return [[TeacherActor.options(name=f"mtkd-teacher-{t}-{r}-{run_id}", **options).remote(teacher_source(spec), device)
+             for r in range(max(1, spec.replicas))]
+            for t, spec in enumerate(config.teachers)]
 
 
 def stop_actors(handles: list[list]) -> None:

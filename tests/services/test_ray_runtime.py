@@ -1,0 +1,134 @@
+"""The distributed runtime on a real local Ray: equivalence with the in-process engine, a teacher
+actor killed mid-run, a teacher served over gRPC by another process, two learner workers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from mtkd.config import TeacherSpec  # noqa: E402
+from mtkd.experiment import RunDirectory  # noqa: E402
+from mtkd.runner import run_inprocess  # noqa: E402
+from services.learner.launcher import run_ray  # noqa: E402
+
+from conftest import needs_fashion, small_experiment  # noqa: E402
+
+pytestmark = [needs_fashion, pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+# 30 steps per epoch, 2 epochs: the agent updates at steps 20, 30 (epoch end), 50 and 60 and acts
+# from step 31 on (epoch 1 is the warm-up).
+EQUIVALENCE = ["data.train_subset=960", "data.batch_size=32", "agent.agent_step=20", "runtime.threads=1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def single_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def step_losses(run_dir) -> list[float]:
+    run = RunDirectory(run_dir)
+    return [s["loss"] for s in run.read(run.steps_path)]
+
+
+def assert_same_losses(a: list[float], b: list[float]) -> None:
+    assert len(a) == len(b) >= 50
+    for step, (x, y) in enumerate(zip(a, b), start=1):
+        assert abs(x - y) <= 1e-6 * abs(x), f"step {step}: {x} vs {y}"
+
+
+@pytest.fixture(scope="module")
+def inprocess_reference(tmp_path_factory, teacher_dirs):
+    """The reference engine's per-step losses (1 thread, like every Ray worker)."""
+    threads = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("inprocess")
+    try:
+        run_inprocess(small_experiment(out, teacher_dirs, EQUIVALENCE), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return step_losses(out)
+
+
+def test_ray_runtime_equals_inprocess_engine(tmp_path, teacher_dirs, inprocess_reference):
+    summary = run_ray(small_experiment(tmp_path, teacher_dirs, [*EQUIVALENCE, "runtime.runtime=ray"]), progress=False)
+    assert summary["epochs"] == 2
+    assert_same_losses(step_losses(tmp_path), inprocess_reference)
+    assert (tmp_path / "checkpoints" / "epoch_0002" / "meta.json").is_file()
+    assert any((tmp_path / "ray").rglob("weights.safetensors"))  # the Ray Train checkpoint copy
+
+
+def test_killed_teacher_actor_restarts_and_no_batch_is_lost_or_repeated(tmp_path, teacher_dirs):
+    config = small_experiment(tmp_path, teacher_dirs, [*EQUIVALENCE, "runtime.runtime=ray"])
+    killed = []
+
+    def kill_when_running() -> None:
+        deadline = time.time() + 300
+        steps = RunDirectory(tmp_path).steps_path
+        while time.time() < deadline:
+            if steps.is_file() and len(steps.read_text().splitlines()) >= 10:
+                name = next(n for n in ray.util.list_named_actors() if n.startswith("mtkd-teacher-0-"))
+                actor = ray.get_actor(name)
+                served_before = ray.get(actor.stats.remote(), timeout=60)["calls"]
+                ray.kill(actor, no_restart=False)
+                # answering at all proves a new incarnation; its call count starts again from 0
+                served_after = ray.get(actor.stats.remote(), timeout=120)["calls"]
+                killed.append((served_before, served_after))
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_running, daemon=True)
+    killer.start()
+    summary = run_ray(config, progress=False)
+    killer.join(timeout=5)
+    assert killed, "the run ended before a teacher could be killed"
+    assert summary["epochs"] == 2
+    steps = RunDirectory(tmp_path).read(RunDirectory(tmp_path).steps_path)
+    for epoch in (1, 2):
+        assert sorted(s["batch"] for s in steps if s["epoch"] == epoch) == list(range(30))
+    assert [s["step"] for s in steps] == list(range(1, 61))
+    served_before, served_after = killed[0]
+    assert served_before >= 10 and served_after < served_before
+
+
+def test_teacher_served_over_grpc_gives_the_same_numbers(tmp_path, teacher_dirs, inprocess_reference):
+    port_file = tmp_path / "port"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve-teacher", teacher_dirs[1], "--port", "0",
+                               "--port-file", str(port_file)], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not port_file.is_file() and time.time() < deadline and server.poll() is None:
+            time.sleep(0.1)
+        assert port_file.is_file(), server.stderr.read() if server.poll() is not None else "server did not start"
+        config = small_experiment(tmp_path / "run", teacher_dirs[:1], [*EQUIVALENCE, "runtime.runtime=ray"])
+        config.teachers.append(TeacherSpec(address=f"127.0.0.1:{port_file.read_text()}"))
+        run_ray(config, progress=False)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert_same_losses(step_losses(tmp_path / "run"), inprocess_reference)
+
+
+def test_two_learner_workers_train_together(tmp_path, teacher_dirs):
+    config = small_experiment(tmp_path, teacher_dirs, ["data.train_subset=256", "optim.epochs=1", "runtime.runtime=ray",
+                                                       "runtime.num_learners=2"])
+    summary = run_ray(config, progress=False)
+    assert summary["epochs"] == 1 and summary["test_acc"] > 0
+    steps = RunDirectory(tmp_path).read(RunDirectory(tmp_path).steps_path)
+    assert [s["batch"] for s in steps] == [0, 2, 4, 6]  # rank 0's shard of 8 global batches
