@@ -169,7 +169,7 @@ class Distiller:
             loss = ce.mean()
             _check_finite({"ce": loss}, where)
             self._optimise(loss)
-            return self._result(loss, ce.mean(), None, None, student_out, targets, None, None, None, {})
+            return self._result(loss, ce.mean(), None, None, student_out, targets, None, None, {})
         kl = torch.stack([kd_kl(student_out.logits, t.logits, cfg.temperature) for t in teacher_outputs], 1)  # [B, M]
         mse = torch.stack([feature_mse(p, t.feature) for p, t in zip(projected, teacher_outputs)], 1)  # [B, M]
         state = None
@@ -186,7 +186,7 @@ class Distiller:
         self._optimise(loss)
         diagnostics = dict(weights.diagnostics)
         diagnostics.update(self.strategy.observe(StepFeedback(state, reward, weights.logit, weights.feature, self.warmup)))
-        return self._result(loss, ce_term, kd_term, feature_term, student_out, targets, weights, reward, state, diagnostics)
+        return self._result(loss, ce_term, kd_term, feature_term, student_out, targets, weights, reward, diagnostics)
 
     def _optimise(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -196,14 +196,13 @@ class Distiller:
         self.optimizer.step()
         self.global_step += 1
 
-    def _result(self, loss, ce, kd, feature, student_out, targets, weights, reward, state, diagnostics) -> StepResult:
+    def _result(self, loss, ce, kd, feature, student_out, targets, weights, reward, diagnostics) -> StepResult:
         correct = int((student_out.logits.argmax(1) == targets).sum())
-        mean = (lambda w: w.mean(0).tolist()) if weights is not None else (lambda w: [])
         return StepResult(
             loss=loss.item(), ce=ce.item(), kd=kd.item() if kd is not None else 0.0,
             feature=feature.item() if feature is not None else 0.0, correct=correct, batch=targets.shape[0],
-            weight_logit=mean(weights.logit) if weights is not None else [],
-            weight_feature=mean(weights.feature) if weights is not None else [],
+            weight_logit=weights.logit.mean(0).tolist() if weights is not None else [],
+            weight_feature=weights.feature.mean(0).tolist() if weights is not None else [],
             reward=reward.mean().item() if reward is not None else 0.0,
             reward_hat=normalized_reward(reward).mean().item() if reward is not None else 0.0,
             diagnostics=diagnostics,

@@ -79,7 +79,9 @@ def run_demo(config_path: str | None, overrides: list[str], runtime: str = "ray"
         from services.learner.launcher import ensure_ray, run_ray as run
         import ray
 
-        ensure_ray(demo.student)
+        sized = copy.deepcopy(demo.student)  # the private Ray must fit the pool's actors
+        sized.teachers = [TeacherSpec(checkpoint=t["path"]) for t in teachers]
+        ensure_ray(sized)
     else:
         from mtkd.runner import run_inprocess as run
     rows = [(t["model"], "teacher", "-", t["test_accuracy"]) for t in teachers]

@@ -8,6 +8,7 @@ import torch
 
 from mtkd.checkpoint import CheckpointError, load_weights
 from mtkd.config import TeacherSpec
+from mtkd.distill import STRATEGIES
 from mtkd.engine import Distiller, NonFiniteLossError, PoolMismatchError
 from mtkd.experiment import RunDirectory, eval_loader, load_data, train_loader
 from mtkd.runner import FitHooks, fit, load_local_pool, run_inprocess
@@ -45,9 +46,10 @@ def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path, teacher_dirs):
         run_inprocess(config, progress=False)
 
 
-@pytest.mark.parametrize("strategy", ["mtkd_rl"])
-def test_resume_is_bit_identical(tmp_path, teacher_dirs, strategy):
-    overrides = ["optim.epochs=3", "optim.milestones=[2]", f"distill.strategy={strategy}"]
+@pytest.mark.parametrize("agent", [["agent.rule=reference"], ["agent.rule=reinforce", "agent.mixing=dynamic"]],
+                         ids=["reference", "reinforce-dynamic"])
+def test_resume_is_bit_identical(tmp_path, teacher_dirs, agent):
+    overrides = ["optim.epochs=3", "optim.milestones=[2]", "distill.strategy=mtkd_rl", *agent]
     whole = run_inprocess(small_experiment(tmp_path / "whole", teacher_dirs, overrides), progress=False)
     part = small_experiment(tmp_path / "part", teacher_dirs, overrides)
     run_inprocess(part, stop_after_epoch=1, progress=False)
@@ -130,8 +132,14 @@ def test_address_teachers_need_the_ray_runtime(tmp_path, teacher_dirs):
         run_inprocess(config, progress=False)
 
 
-def test_metrics_lines_are_json(tmp_path, teacher_dirs):
-    config = small_experiment(tmp_path / "run", teacher_dirs, ["optim.epochs=1", "distill.strategy=camkd"])
+@pytest.mark.parametrize("strategy", STRATEGIES.names())
+def test_every_strategy_trains_end_to_end(tmp_path, teacher_dirs, strategy):
+    config = small_experiment(tmp_path / "run", teacher_dirs, ["optim.epochs=2", f"distill.strategy={strategy}",
+                                                              "distill.warmup_epochs=0"])
     run_inprocess(config, progress=False)
-    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
-        assert isinstance(json.loads(line), dict)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    assert len(lines) == 2 and 0 < last["test/acc"] <= 1
+    if strategy != "ce":
+        total = last["weights/logit/resnet8"] + last["weights/logit/vgg8"]
+        assert total == pytest.approx(1.0, abs=1e-5)  # every strategy's weights are a distribution

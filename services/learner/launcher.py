@@ -40,9 +40,26 @@ def ensure_ray(config: ExperimentConfig) -> bool:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         num_cpus = max(float(os.cpu_count() or 1), logical_cpus_needed(config))
+        # Without the dashboard, Ray Train's placement-group cleaner cannot reach the state API and
+        # warns every second; worker-side Ray logs are kept to errors (our progress lines still show).
         ray.init(address="local", num_cpus=int(-(-num_cpus // 1)), include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=True)
+                 logging_level=logging.WARNING, logging_config=ray.LoggingConfig(log_level="ERROR"))
     return True
+
+
+def check_resources(config: ExperimentConfig) -> None:
+    """Refuse a run whose actors cannot all be placed (they would wait forever)."""
+    available = float(ray.cluster_resources().get("CPU", 0.0))
+    needed = logical_cpus_needed(config)
+    if needed > available + 1e-9:
+        message = (f"the run's actors ask for {needed:g} CPUs ({config.runtime.num_learners} learner(s) x "
+                   f"{config.runtime.learner_num_cpus:g}, teacher replicas x {config.runtime.teacher_num_cpus:g}) "
+                   f"but the Ray cluster has {available:g}; lower runtime.teacher_num_cpus or "
+                   f"runtime.learner_num_cpus, or add nodes")
+        if config.runtime.address:  # an autoscaling cluster may still grow
+            logging.getLogger(__name__).warning(message)
+        else:
+            raise ValueError(message)
 
 
 def run_ray(config: ExperimentConfig, resume: bool = False, stop_after_epoch: int | None = None,
@@ -55,6 +72,7 @@ def run_ray(config: ExperimentConfig, resume: bool = False, stop_after_epoch: in
     started = ensure_ray(config)
     teacher_handles, agent = [], None
     try:
+        check_resources(config)
         teacher_handles = start_teacher_actors(config)
         descriptions = ray.get([replicas[0].describe.remote() for replicas in teacher_handles], timeout=600)
         if config.distill.strategy == "mtkd_rl":
@@ -97,4 +115,4 @@ def _train_loop(loop_config: dict) -> None:
     train_loop_per_worker(loop_config)
 
 
-__all__ = ["ensure_ray", "logical_cpus_needed", "run_ray"]
+__all__ = ["check_resources", "ensure_ray", "logical_cpus_needed", "run_ray"]

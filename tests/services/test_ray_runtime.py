@@ -73,6 +73,15 @@ def test_ray_runtime_equals_inprocess_engine(tmp_path, teacher_dirs, inprocess_r
     assert any((tmp_path / "ray").rglob("weights.safetensors"))  # the Ray Train checkpoint copy
 
 
+def test_ray_run_resumed_from_its_checkpoint_continues_exactly(tmp_path, teacher_dirs, inprocess_reference):
+    overrides = [*EQUIVALENCE, "runtime.runtime=ray"]
+    run_ray(small_experiment(tmp_path, teacher_dirs, overrides), stop_after_epoch=1, progress=False)
+    assert len(step_losses(tmp_path)) == 30
+    summary = run_ray(small_experiment(tmp_path, teacher_dirs, overrides), resume=True, progress=False)
+    assert summary["epochs"] == 2
+    assert_same_losses(step_losses(tmp_path), inprocess_reference)
+
+
 def test_killed_teacher_actor_restarts_and_no_batch_is_lost_or_repeated(tmp_path, teacher_dirs):
     config = small_experiment(tmp_path, teacher_dirs, [*EQUIVALENCE, "runtime.runtime=ray"])
     killed = []
