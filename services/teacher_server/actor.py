@@ -2,6 +2,8 @@
 batched outputs. Thin: the model code is :mod:`mtkd.teachers`."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import ray
 import torch
@@ -51,5 +53,5 @@ class TeacherActor:
         return outputs_to_arrays(self.teacher.infer(batch), half)
 
     def stats(self) -> dict:
-        """Calls served by this incarnation (restarts reset it)."""
-        return {"calls": self.calls}
+        """This incarnation's process id and the calls it served (a restart starts a new one)."""
+        return {"pid": os.getpid(), "calls": self.calls}
