@@ -28,7 +28,7 @@ $(STAMPS)/venv: pyproject.toml
 	@touch $@
 
 demo: setup
-	$(PY) -m mtkd.cli demo
+	.venv/bin/mtkd demo
 
 test: setup
 	$(PY) -m pytest -q -ra
