@@ -307,9 +307,11 @@ class _EpochTotals:
         self.weight_logit = [0.0] * num_teachers
         self.weight_feature = [0.0] * num_teachers
         self.diagnostics: dict = {}
+        self.weighted = False
 
     def add(self, r: StepResult) -> None:
         n = r.batch
+        self.weighted = self.weighted or bool(r.weight_logit)
         self.samples += n
         self.correct += r.correct
         self.steps += 1
@@ -324,8 +326,9 @@ class _EpochTotals:
         n = max(self.samples, 1)
         metrics = {k: v / n for k, v in self.sums.items()}
         metrics["train/acc"] = self.correct / n
-        for name, wl, wf in zip(teacher_names, self.weight_logit, self.weight_feature):
-            metrics[f"weights/logit/{name}"] = wl / n
-            metrics[f"weights/feature/{name}"] = wf / n
+        if self.weighted:  # with ce the teachers take no part: no weights to report
+            for name, wl, wf in zip(teacher_names, self.weight_logit, self.weight_feature):
+                metrics[f"weights/logit/{name}"] = wl / n
+                metrics[f"weights/feature/{name}"] = wf / n
         metrics.update({k: v for k, v in self.diagnostics.items() if isinstance(v, (int, float)) and math.isfinite(v)})
         return metrics

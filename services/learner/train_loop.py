@@ -6,6 +6,7 @@ to resume. Everything else is :mod:`mtkd.engine` and :func:`mtkd.runner.fit`.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import ray.train
@@ -43,6 +44,14 @@ def _restore(distiller: Distiller, run: RunDirectory, resume: bool) -> None:
         resume_into(distiller, run)
 
 
+def quiet_ray_train_logs() -> None:
+    """Ray Train logs every report with its whole metrics dict at INFO; our own per-epoch line says it."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    for name in ("ray.train", train_context.__file__):  # the context module names its logger by file
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train worker loop.
 
@@ -50,6 +59,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     replica actor handles), ``agent`` (the agent actor handle or None), ``resume``,
     ``stop_after_epoch``, ``progress``.
     """
+    quiet_ray_train_logs()
     config = from_dict(ExperimentConfig, loop_config["experiment"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()

@@ -145,3 +145,35 @@ def test_two_learner_workers_train_together(tmp_path, teacher_dirs):
     assert summary["epochs"] == 1 and summary["test_acc"] > 0
     steps = RunDirectory(tmp_path).read(RunDirectory(tmp_path).steps_path)
     assert [s["batch"] for s in steps] == [0, 2, 4, 6]  # rank 0's shard of 8 global batches
+
+
+def test_a_run_whose_actors_cannot_be_placed_is_refused(tmp_path, teacher_dirs):
+    config = small_experiment(tmp_path, teacher_dirs, ["runtime.runtime=ray", "runtime.teacher_num_cpus=2"])
+    with pytest.raises(ValueError, match=r"ask for 5 CPUs .* but the Ray cluster has 4"):
+        run_ray(config, progress=False)
+
+
+def test_serve_agent_cli_serves_the_pool_sized_agent(tmp_path, teacher_dirs):
+    from services.agent.grpc_server import RemoteAgent
+
+    port_file = tmp_path / "port"
+    teachers = ", ".join(f"{{checkpoint: {d}}}" for d in teacher_dirs)
+    server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve-agent", "--port", "0", "--port-file",
+                               str(port_file), f"teachers=[{teachers}]", "agent.agent_step=1"], cwd=REPO,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not port_file.is_file() and time.time() < deadline and server.poll() is None:
+            time.sleep(0.1)
+        assert port_file.is_file(), server.stderr.read() if server.poll() is not None else "server did not start"
+        with RemoteAgent(f"127.0.0.1:{port_file.read_text()}") as agent:
+            info = agent.describe()
+            # resnet8 (64-d embedding) and vgg8 (512-d), 10 classes: (64 + 13) + (512 + 13)
+            assert info["num_teachers"] == 2 and info["state_dim"] == 602 and info["rule"] == "reference"
+            states = torch.randn(4, 602)
+            weight_logit, weight_feature, version = agent.act(states)
+            assert version == 0 and torch.allclose(weight_logit.sum(1), torch.ones(4))
+            assert agent.observe(states, torch.randn(4))[:2] == (1, True)
+    finally:
+        server.terminate()
+        assert server.wait(timeout=30) == 0
