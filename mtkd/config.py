@@ -71,6 +71,10 @@ class TeacherSpec:
     """host:port of a teacher served by ``mtkd serve-teacher`` (Ray runtime only)."""
     replicas: int = 1
     """Ray runtime: actor replicas serving this teacher."""
+    token_file: str | None = None
+    """A file holding the bearer token of a served teacher (``address``)."""
+    root_cert: str | None = None
+    """PEM certificate (CA or self-signed) of a served teacher: connect with TLS."""
 
 
 @dataclass
@@ -183,11 +187,23 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if hint is float:
+        return _as_float(value, where)
     if hint in (int, str, bool) and (type(value) is not hint):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+def _as_float(value: Any, where: str) -> float:
+    # YAML 1.1 reads "1e-4" (no dot) as a string: accept any string that is a number.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected a number, got {value!r}")
 
 
 def to_dict(config: Any) -> dict:

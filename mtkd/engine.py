@@ -36,7 +36,12 @@ def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
 
 
 def check_pool(descriptions: list[dict], num_classes: int, input_shape: tuple[int, int, int]) -> None:
-    """Every teacher must have the dataset's class count and input shape."""
+    """Teacher names must be unique; every teacher must have the dataset's class count and input shape."""
+    names = [d["name"] for d in descriptions]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise PoolMismatchError(f"teacher names must be unique, {', '.join(map(repr, repeated))} appear(s) more than "
+                                f"once; give each teacher a name: in the config")
     for d in descriptions:
         if int(d["num_classes"]) != num_classes:
             raise PoolMismatchError(
@@ -75,20 +80,21 @@ def build_trainable(config: ExperimentConfig, num_classes: int, input_shape, tea
 
 
 def build_strategy(config: ExperimentConfig, teacher_descriptions: list[dict], num_classes: int, agent=None) -> Strategy:
-    """The configured strategy; ``mtkd_rl`` gets ``agent`` or a new in-process :class:`Agent` (seed + 2)."""
+    """The configured strategy; one that ``needs_agent`` gets ``agent`` or a new in-process
+    :class:`Agent` (seed + 2)."""
     factory = STRATEGIES.get(config.distill.strategy)
-    if config.distill.strategy != "mtkd_rl":
+    if not factory.needs_agent:
         return factory()
     if agent is None:
-        agent = build_agent(config, teacher_descriptions, num_classes)
+        agent = Agent([int(d["embedding_dim"]) for d in teacher_descriptions], num_classes, **agent_kwargs(config))
     return factory(agent)
 
 
-def build_agent(config: ExperimentConfig, teacher_descriptions: list[dict], num_classes: int) -> Agent:
-    """The agent of ``config.agent`` for this pool (seeded with ``config.seed + 2``)."""
+def agent_kwargs(config: ExperimentConfig) -> dict:
+    """The :class:`Agent` settings of ``config.agent``, seeded with ``config.seed + 2``."""
     a = config.agent
-    return Agent([int(d["embedding_dim"]) for d in teacher_descriptions], num_classes, rule=a.rule, mixing=a.mixing,
-                 agent_step=a.agent_step, lr=a.lr, concentration=a.concentration, seed=config.seed + 2)
+    return {"rule": a.rule, "mixing": a.mixing, "agent_step": a.agent_step, "lr": a.lr,
+            "concentration": a.concentration, "seed": config.seed + 2}
 
 
 def learning_rate(optim: OptimConfig, epoch: int) -> float:

@@ -55,9 +55,10 @@ def run_meta(config: ExperimentConfig, distiller: Distiller, train_set, metrics:
     }
 
 
-def resume_into(distiller: Distiller, run: RunDirectory) -> None:
-    """Load the newest checkpoint of ``run`` into ``distiller``; refuse a different pool or student."""
-    folder = run.latest_checkpoint()
+def resume_into(distiller: Distiller, run: RunDirectory, folder: Path | None = None, write: bool = True) -> None:
+    """Load a checkpoint (default: the newest of ``run``) into ``distiller``; refuse a different pool
+    or student. With ``write``, drop the log lines of work done after that checkpoint."""
+    folder = folder or run.latest_checkpoint()
     if folder is None:
         raise CheckpointError(f"no complete checkpoint under {str(run.path / 'checkpoints')!r} to resume from")
     state, meta = load_checkpoint(folder)
@@ -65,8 +66,9 @@ def resume_into(distiller: Distiller, run: RunDirectory) -> None:
     if meta["student"] != distiller.config.student:
         raise CheckpointError(f"student differs: the run trains {meta['student']!r}, got {distiller.config.student!r}")
     distiller.load_state_dict(state)
-    run.truncate(run.metrics_path, "epoch", distiller.epoch)
-    run.truncate(run.steps_path, "step", distiller.global_step)
+    if write:
+        run.truncate(run.metrics_path, "epoch", distiller.epoch)
+        run.truncate(run.steps_path, "step", distiller.global_step)
 
 
 def fit(distiller: Distiller, train_ld, test_ld, run: RunDirectory, train_set, hooks: FitHooks,
@@ -74,7 +76,8 @@ def fit(distiller: Distiller, train_ld, test_ld, run: RunDirectory, train_set, h
     """Train from ``distiller.epoch`` to ``optim.epochs``: per epoch train, evaluate, log, checkpoint."""
     config = distiller.config
     history = run.read(run.metrics_path) if hooks.write else []
-    while distiller.epoch < config.optim.epochs:
+    last_epoch = min(config.optim.epochs, stop_after_epoch or config.optim.epochs)
+    while distiller.epoch < last_epoch:
         bar = tqdm(total=len(train_ld), desc=f"epoch {distiller.epoch + 1}/{config.optim.epochs}",
                    disable=not hooks.progress, leave=False, file=sys.stderr, mininterval=1.0)
 
@@ -103,8 +106,6 @@ def fit(distiller: Distiller, train_ld, test_ld, run: RunDirectory, train_set, h
                   f"({metrics['time/epoch_s']:.1f} s)", file=sys.stderr)
         if hooks.after_epoch is not None:
             hooks.after_epoch(metrics, folder)
-        if stop_after_epoch is not None and distiller.epoch >= stop_after_epoch:
-            break
     return history
 
 
@@ -127,8 +128,9 @@ def prepare_run_dir(run: RunDirectory, resume: bool, overwrite: bool) -> None:
     if run.latest_checkpoint() is not None and not overwrite:
         raise FileExistsError(f"run folder {str(run.path)!r} already has checkpoints; pass --resume to continue it, "
                               f"--overwrite to start again, or choose another output_dir")
-    if (run.path / "checkpoints").exists():
-        shutil.rmtree(run.path / "checkpoints")
+    for stale in ("checkpoints", "ray"):  # an earlier run's checkpoints must never be picked up
+        if (run.path / stale).exists():
+            shutil.rmtree(run.path / stale)
     run.create()
     for path in (run.metrics_path, run.steps_path):
         path.unlink(missing_ok=True)

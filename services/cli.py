@@ -16,6 +16,8 @@ from pathlib import Path
 from mtkd import cli as core
 from mtkd.config import ConfigError
 
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
 
 def cmd_distill(args: argparse.Namespace) -> dict:
     if args.runtime:
@@ -36,9 +38,11 @@ def cmd_distill(args: argparse.Namespace) -> dict:
 
 
 def _token(args: argparse.Namespace) -> str | None:
-    if args.token_file:
-        return Path(args.token_file).read_text().strip()
-    return os.environ.get("MTKD_TOKEN") or None
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("MTKD_TOKEN")
+    if token is not None and not token:
+        raise ConfigError(f"the token {'in ' + args.token_file if args.token_file else 'in $MTKD_TOKEN'} is empty; "
+                          f"an empty token would disable authentication")
+    return token
 
 
 def _serve_until_signal(server, stop, what: str, port: int, args: argparse.Namespace) -> dict:
@@ -117,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve_agent, resume=None)
 
     p = sub.add_parser("demo", help="train (or reuse) teachers, distill with ce/aver/mtkd_rl, print a table")
-    p.add_argument("--config", default="configs/demo.yaml", help="demo config (default: configs/demo.yaml)")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help=f"demo config (default: {DEMO_CONFIG})")
     p.add_argument("--runtime", choices=["ray", "inprocess"], help="runtime of the student runs (default: ray)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides of the demo config")
     p.set_defaults(func=cmd_demo)

@@ -27,6 +27,11 @@ def test_overrides_types_and_unknown_keys(tmp_path):
         load_config(ExperimentConfig, None, ["optim.epoch=3"])
     with pytest.raises(ConfigError, match="optim.epochs: expected int, got 'abc'"):
         load_config(ExperimentConfig, None, ["optim.epochs=abc"])
+    assert load_config(ExperimentConfig, None, ["optim.weight_decay=5e-4"]).optim.weight_decay == 5e-4
+    with pytest.raises(ConfigError, match="distill.temperature: expected a number, got 'hot'"):
+        load_config(ExperimentConfig, None, ["distill.temperature=hot"])
+    with pytest.raises(ConfigError, match="runtime.teacher_num_cpus: expected a number, got True"):
+        load_config(ExperimentConfig, None, ["runtime.teacher_num_cpus=true"])
     with pytest.raises(ConfigError, match="must look like key.sub=value"):
         load_config(ExperimentConfig, None, ["optim.epochs"])
     with pytest.raises(ConfigError, match="does not exist"):

@@ -66,6 +66,7 @@ class Strategy:
 
     uses_teachers = True  # False: the engine skips teachers, projectors and distillation terms
     needs_state = False  # True: the engine builds the agent state for ``weights``
+    needs_agent = False  # True: built as ``Strategy(agent)`` with an agent (in process or a proxy)
 
     def weights(self, inputs: StepInputs) -> Weights:
         raise NotImplementedError
@@ -141,6 +142,7 @@ class ReinforcedWeights(Strategy):
     """
 
     needs_state = True
+    needs_agent = True
 
     def __init__(self, agent):
         self.agent = agent

@@ -13,9 +13,10 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from mtkd.checkpoint import state_dict_digest
 from mtkd.config import ExperimentConfig, from_dict
 from mtkd.engine import Distiller
-from mtkd.experiment import RunDirectory, eval_loader, load_checkpoint, load_data, train_loader
+from mtkd.experiment import RunDirectory, eval_loader, load_data, train_loader
 from mtkd.runner import FitHooks, finish, fit, resume_into
 from services.agent.actor import proxy_for
 from services.teacher_server.pool import RayTeacherPool
@@ -33,15 +34,26 @@ def average_gradients(module: torch.nn.Module) -> None:
         offset += g.numel()
 
 
-def _restore(distiller: Distiller, run: RunDirectory, resume: bool) -> None:
-    """Ray's own checkpoint (a restarted worker group) first, then ``--resume RUN_DIR``."""
+def check_replicas_in_sync(module: torch.nn.Module) -> None:
+    """Raise if the workers' parameters differ (gradient averaging keeps them equal bit for bit).
+
+    Batch-norm running statistics are each worker's own and are not compared.
+    """
+    digest = state_dict_digest(dict(module.named_parameters()))
+    mine = torch.tensor([int(digest[:15], 16)], dtype=torch.int64)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    if len({int(t) for t in everyone}) != 1:
+        raise RuntimeError(f"learner workers diverged: parameter digests {[hex(int(t)) for t in everyone]}")
+
+
+def _restore(distiller: Distiller, run: RunDirectory, rank: int) -> None:
+    """Continue from the ``ray.train.Checkpoint`` the launcher resumes from, if any (checked again
+    against the pool); only rank 0 rewrites the run's logs."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state, _ = load_checkpoint(Path(folder))
-        distiller.load_state_dict(state)
-    elif resume:
-        resume_into(distiller, run)
+            resume_into(distiller, run, Path(folder), write=rank == 0)
 
 
 def quiet_ray_train_logs() -> None:
@@ -56,8 +68,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train worker loop.
 
     ``loop_config``: ``experiment`` (the config as a dict), ``teacher_handles`` (per teacher, its
-    replica actor handles), ``agent`` (the agent actor handle or None), ``resume``,
-    ``stop_after_epoch``, ``progress``.
+    replica actor handles), ``agent`` (the agent actor handle or None), ``stop_after_epoch``,
+    ``progress``. A resumed run gets its checkpoint from ``ray.train.get_checkpoint()``.
     """
     quiet_ray_train_logs()
     config = from_dict(ExperimentConfig, loop_config["experiment"])
@@ -71,7 +83,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     distiller = Distiller(config, pool, train_set.num_classes, train_set.image_shape, agent=agent,
                           grad_sync=average_gradients if world_size > 1 else None)
     run = RunDirectory(config.output_dir)
-    _restore(distiller, run, loop_config.get("resume", False))
+    _restore(distiller, run, rank)
 
     def report(metrics: dict, folder: Path | None) -> None:
         metrics = {**metrics, "learner/world_size": world_size}
@@ -84,5 +96,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     hooks = FitHooks(write=rank == 0, progress=rank == 0 and loop_config.get("progress", False), after_epoch=report)
     history = fit(distiller, train_loader(train_set, config.data, config.seed, rank, world_size),
                   eval_loader(test_set, config.data), run, train_set, hooks, loop_config.get("stop_after_epoch"))
+    if world_size > 1:
+        check_replicas_in_sync(distiller.module)
     if rank == 0:
         finish(distiller, run, train_set, history)

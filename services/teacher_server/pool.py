@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,11 +24,18 @@ def teacher_source(spec) -> dict:
     """The actor's constructor argument for a :class:`mtkd.config.TeacherSpec`."""
     if bool(spec.checkpoint) == bool(spec.address):
         raise ValueError(f"teacher {spec.name!r}: give exactly one of checkpoint and address")
-    return {"checkpoint": spec.checkpoint, "address": spec.address, "name": spec.name or None}
+    token = None
+    if spec.token_file:
+        token = Path(spec.token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"teacher {spec.name or spec.address!r}: token file {spec.token_file!r} is empty")
+    return {"checkpoint": spec.checkpoint, "address": spec.address, "name": spec.name or None, "token": token,
+            "root_cert": spec.root_cert}
 
 
-def start_teacher_actors(config: ExperimentConfig, run_id: str | None = None) -> list[list]:
-    """Start ``replicas`` actors per teacher of ``config``; returns handles per teacher.
+def start_teacher_actors(config: ExperimentConfig, into: list[list], run_id: str | None = None) -> list[list]:
+    """Start ``replicas`` actors per teacher of ``config``, appending each teacher's handles to
+    ``into`` as they start (so that a caller's ``finally`` can stop a partly started pool).
 
     Actors are named ``mtkd-teacher-<teacher>-<replica>-<run_id>`` (findable with ``ray.get_actor``).
     """
@@ -35,9 +43,13 @@ def start_teacher_actors(config: ExperimentConfig, run_id: str | None = None) ->
     run_id = run_id or uuid.uuid4().hex[:8]
     device = "cuda" if rt.teacher_num_gpus > 0 else "cpu"
     options = {"num_cpus": rt.teacher_num_cpus, "num_gpus": rt.teacher_num_gpus}
-    return [[TeacherActor.options(name=f"mtkd-teacher-{t}-{r}-{run_id}", **options).remote(teacher_source(spec), device)
-             for r in range(max(1, spec.replicas))]
-            for t, spec in enumerate(config.teachers)]
+    sources = [teacher_source(spec) for spec in config.teachers]  # every spec checked before any actor starts
+    for t, (spec, source) in enumerate(zip(config.teachers, sources)):
+        replicas: list = []
+        into.append(replicas)
+        for r in range(max(1, spec.replicas)):
+            replicas.append(TeacherActor.options(name=f"mtkd-teacher-{t}-{r}-{run_id}", **options).remote(source, device))
+    return into
 
 
 def stop_actors(handles: list[list]) -> None:

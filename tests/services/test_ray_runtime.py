@@ -14,7 +14,9 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from mtkd.checkpoint import CheckpointError  # noqa: E402
 from mtkd.config import TeacherSpec  # noqa: E402
+from mtkd.engine import NonFiniteLossError  # noqa: E402
 from mtkd.experiment import RunDirectory  # noqa: E402
 from mtkd.runner import run_inprocess  # noqa: E402
 from services.learner.launcher import run_ray  # noqa: E402
@@ -120,17 +122,19 @@ def test_killed_teacher_actor_restarts_and_no_batch_is_lost_or_repeated(tmp_path
 
 
 def test_teacher_served_over_grpc_gives_the_same_numbers(tmp_path, teacher_dirs, inprocess_reference):
-    port_file = tmp_path / "port"
+    port_file, token_file = tmp_path / "port", tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve-teacher", teacher_dirs[1], "--port", "0",
-                               "--port-file", str(port_file)], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+                               "--port-file", str(port_file), "--token-file", str(token_file)],
+                              cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
         while not port_file.is_file() and time.time() < deadline and server.poll() is None:
             time.sleep(0.1)
         assert port_file.is_file(), server.stderr.read() if server.poll() is not None else "server did not start"
         config = small_experiment(tmp_path / "run", teacher_dirs[:1], [*EQUIVALENCE, "runtime.runtime=ray"])
-        config.teachers.append(TeacherSpec(address=f"127.0.0.1:{port_file.read_text()}"))
+        config.teachers.append(TeacherSpec(address=f"127.0.0.1:{port_file.read_text()}", token_file=str(token_file)))
         run_ray(config, progress=False)
     finally:
         server.terminate()
@@ -139,12 +143,36 @@ def test_teacher_served_over_grpc_gives_the_same_numbers(tmp_path, teacher_dirs,
 
 
 def test_two_learner_workers_train_together(tmp_path, teacher_dirs):
-    config = small_experiment(tmp_path, teacher_dirs, ["data.train_subset=256", "optim.epochs=1", "runtime.runtime=ray",
-                                                       "runtime.num_learners=2"])
+    config = small_experiment(tmp_path, teacher_dirs, ["data.train_subset=256", "optim.epochs=2", "runtime.runtime=ray",
+                                                       "runtime.num_learners=2", "agent.agent_step=2"])
+    # the run ends with an all-gather of parameter digests that raises if the two workers diverged
     summary = run_ray(config, progress=False)
-    assert summary["epochs"] == 1 and summary["test_acc"] > 0
+    assert summary["epochs"] == 2 and summary["test_acc"] > 0
     steps = RunDirectory(tmp_path).read(RunDirectory(tmp_path).steps_path)
-    assert [s["batch"] for s in steps] == [0, 2, 4, 6]  # rank 0's shard of 8 global batches
+    assert [s["batch"] for s in steps] == [0, 2, 4, 6] * 2  # rank 0's shard of 8 global batches, per epoch
+    last = summary["history"][-1]
+    assert last["agent/version"] >= 2  # the agent learned from both workers' batches and acted in epoch 2
+    assert last["weights/logit/resnet8"] + last["weights/logit/vgg8"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_ray_resume_refuses_another_pool_and_overwrite_starts_afresh(tmp_path, teacher_dirs):
+    overrides = ["data.train_subset=128", "runtime.runtime=ray"]
+    run_ray(small_experiment(tmp_path, teacher_dirs, overrides), stop_after_epoch=1, progress=False)
+    swapped = small_experiment(tmp_path, list(reversed(teacher_dirs)), overrides)
+    with pytest.raises(CheckpointError, match="teacher pool differs at teacher 0"):
+        run_ray(swapped, resume=True, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_ray(small_experiment(tmp_path, teacher_dirs, overrides), progress=False)
+    summary = run_ray(small_experiment(tmp_path, teacher_dirs, overrides), overwrite=True, progress=False)
+    assert [m["epoch"] for m in summary["history"]] == [1, 2]  # trained again, nothing reloaded
+    assert [s["step"] for s in RunDirectory(tmp_path).read(RunDirectory(tmp_path).steps_path)] == list(range(1, 9))
+
+
+def test_a_nan_loss_on_ray_surfaces_as_the_library_error(tmp_path, teacher_dirs):
+    config = small_experiment(tmp_path, teacher_dirs, ["runtime.runtime=ray", "optim.lr=1e30", "optim.momentum=0"])
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1 step \d+: loss part"):
+        run_ray(config, progress=False)
+    assert not list(ray.util.list_named_actors())  # the teacher actors were stopped
 
 
 def test_a_run_whose_actors_cannot_be_placed_is_refused(tmp_path, teacher_dirs):
