@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 import ray
-from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig, TrainingFailedError
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
 from mtkd.checkpoint import META_FILE, CheckpointError, read_json
@@ -78,8 +78,8 @@ def check_resources(config: ExperimentConfig) -> None:
             raise ValueError(message)
 
 
-def preflight(config: ExperimentConfig, descriptions: list[dict], run: RunDirectory, resume: bool):
-    """Driver-side checks before a learner starts; returns the checkpoint to resume from (or None).
+def preflight(config: ExperimentConfig, descriptions: list[dict], run: RunDirectory, resume: bool) -> Path | None:
+    """Driver-side checks before a learner starts; returns the checkpoint folder to resume from (or None).
 
     Names, the pool against the dataset, and on resume the pool and student against the run's
     newest checkpoint: a mistake fails here, in seconds, with the library's own error.
@@ -97,7 +97,7 @@ def preflight(config: ExperimentConfig, descriptions: list[dict], run: RunDirect
     check_same_pool(meta["teachers"], teacher_manifest(descriptions))
     if meta["student"] != config.student:
         raise CheckpointError(f"student differs: the run trains {meta['student']!r}, got {config.student!r}")
-    return Checkpoint.from_directory(str(folder))
+    return folder
 
 
 def worker_error(error: TrainingFailedError) -> BaseException:
@@ -134,14 +134,14 @@ def run_ray(config: ExperimentConfig, resume: bool = False, stop_after_epoch: in
         trainer = TorchTrainer(
             train_loop_per_worker=_train_loop,
             train_loop_config={"experiment": to_dict(config), "teacher_handles": teacher_handles, "agent": agent,
-                               "stop_after_epoch": stop_after_epoch, "progress": progress},
+                               "stop_after_epoch": stop_after_epoch, "progress": progress,
+                               "resume_from": str(resume_from) if resume_from else None},
             scaling_config=ScalingConfig(num_workers=config.runtime.num_learners, use_gpu=False,
                                          resources_per_worker={"CPU": config.runtime.learner_num_cpus}),
             # A fresh name per launch: Ray Train would otherwise reload an earlier launch's checkpoints.
             run_config=RunConfig(name=f"learner-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
                                  storage_path=str(run.path / "ray"),
                                  checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)),
-            resume_from_checkpoint=resume_from,
         )
         try:
             trainer.fit()

@@ -1,8 +1,8 @@
 """The learner: :func:`train_loop_per_worker` runs the in-process engine inside a Ray Train worker.
 
 Ray appears only at the seams: the worker's rank and world size, gradient averaging across
-workers, ``ray.train.report`` with a ``Checkpoint`` after each epoch, and ``ray.train.get_checkpoint``
-to resume. Everything else is :mod:`mtkd.engine` and :func:`mtkd.runner.fit`.
+workers, and ``ray.train.report`` with a ``Checkpoint`` after each epoch. Everything else is
+:mod:`mtkd.engine` and :func:`mtkd.runner.fit`.
 """
 from __future__ import annotations
 
@@ -47,13 +47,11 @@ def check_replicas_in_sync(module: torch.nn.Module) -> None:
         raise RuntimeError(f"learner workers diverged: parameter digests {[hex(int(t)) for t in everyone]}")
 
 
-def _restore(distiller: Distiller, run: RunDirectory, rank: int) -> None:
-    """Continue from the ``ray.train.Checkpoint`` the launcher resumes from, if any (checked again
-    against the pool); only rank 0 rewrites the run's logs."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume_into(distiller, run, Path(folder), write=rank == 0)
+def _restore(distiller: Distiller, run: RunDirectory, folder: str | None, rank: int) -> None:
+    """Continue from the checkpoint folder the launcher resumes from, if any (checked again against
+    the pool); only rank 0 rewrites the run's logs."""
+    if folder:
+        resume_into(distiller, run, Path(folder), write=rank == 0)
 
 
 def quiet_ray_train_logs() -> None:
@@ -69,7 +67,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     ``loop_config``: ``experiment`` (the config as a dict), ``teacher_handles`` (per teacher, its
     replica actor handles), ``agent`` (the agent actor handle or None), ``stop_after_epoch``,
-    ``progress``. A resumed run gets its checkpoint from ``ray.train.get_checkpoint()``.
+    ``progress``, ``resume_from`` (a checkpoint folder, checked by the launcher, or None).
     """
     quiet_ray_train_logs()
     config = from_dict(ExperimentConfig, loop_config["experiment"])
@@ -83,7 +81,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     distiller = Distiller(config, pool, train_set.num_classes, train_set.image_shape, agent=agent,
                           grad_sync=average_gradients if world_size > 1 else None)
     run = RunDirectory(config.output_dir)
-    _restore(distiller, run, rank)
+    _restore(distiller, run, loop_config.get("resume_from"), rank)
 
     def report(metrics: dict, folder: Path | None) -> None:
         metrics = {**metrics, "learner/world_size": world_size}
