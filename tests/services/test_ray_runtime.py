@@ -44,6 +44,19 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+def start_server(args: list[str], port_file: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start ``mtkd <args>`` (a gRPC server) on a free port; return once it wrote ``port_file``."""
+    server = subprocess.Popen([sys.executable, "-m", "services.cli", *args, "--port", "0", "--port-file",
+                               str(port_file)], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not port_file.is_file() and time.time() < deadline and server.poll() is None:
+        time.sleep(0.1)
+    if not port_file.is_file():
+        server.kill()
+        pytest.fail(f"server did not start: {server.stderr.read()}")
+    return server
+
+
 def step_losses(run_dir) -> list[float]:
     run = RunDirectory(run_dir)
     return [s["loss"] for s in run.read(run.steps_path)]
@@ -125,14 +138,8 @@ def test_teacher_served_over_grpc_gives_the_same_numbers(tmp_path, teacher_dirs,
     port_file, token_file = tmp_path / "port", tmp_path / "token"
     token_file.write_text("s3cret-token\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve-teacher", teacher_dirs[1], "--port", "0",
-                               "--port-file", str(port_file), "--token-file", str(token_file)],
-                              cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    server = start_server(["serve-teacher", teacher_dirs[1], "--token-file", str(token_file)], port_file, env)
     try:
-        deadline = time.time() + 60
-        while not port_file.is_file() and time.time() < deadline and server.poll() is None:
-            time.sleep(0.1)
-        assert port_file.is_file(), server.stderr.read() if server.poll() is not None else "server did not start"
         config = small_experiment(tmp_path / "run", teacher_dirs[:1], [*EQUIVALENCE, "runtime.runtime=ray"])
         config.teachers.append(TeacherSpec(address=f"127.0.0.1:{port_file.read_text()}", token_file=str(token_file)))
         run_ray(config, progress=False)
@@ -186,14 +193,8 @@ def test_serve_agent_cli_serves_the_pool_sized_agent(tmp_path, teacher_dirs):
 
     port_file = tmp_path / "port"
     teachers = ", ".join(f"{{checkpoint: {d}}}" for d in teacher_dirs)
-    server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve-agent", "--port", "0", "--port-file",
-                               str(port_file), f"teachers=[{teachers}]", "agent.agent_step=1"], cwd=REPO,
-                              stderr=subprocess.PIPE, text=True)
+    server = start_server(["serve-agent", f"teachers=[{teachers}]", "agent.agent_step=1"], port_file)
     try:
-        deadline = time.time() + 60
-        while not port_file.is_file() and time.time() < deadline and server.poll() is None:
-            time.sleep(0.1)
-        assert port_file.is_file(), server.stderr.read() if server.poll() is not None else "server did not start"
         with RemoteAgent(f"127.0.0.1:{port_file.read_text()}") as agent:
             info = agent.describe()
             # resnet8 (64-d embedding) and vgg8 (512-d), 10 classes: (64 + 13) + (512 + 13)
