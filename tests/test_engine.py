@@ -143,3 +143,19 @@ def test_every_strategy_trains_end_to_end(tmp_path, teacher_dirs, strategy):
     if strategy != "ce":
         total = last["weights/logit/resnet8"] + last["weights/logit/vgg8"]
         assert total == pytest.approx(1.0, abs=1e-5)  # every strategy's weights are a distribution
+
+
+def test_teacher_names_must_be_unique(tmp_path, teacher_dirs):
+    config = small_experiment(tmp_path / "run", [teacher_dirs[0], teacher_dirs[0]])
+    with pytest.raises(PoolMismatchError, match="'resnet8' appear"):
+        Distiller(config, load_local_pool(config), 10, (1, 28, 28))
+    config.teachers[1].name = "resnet8-bis"
+    assert Distiller(config, load_local_pool(config), 10, (1, 28, 28)).teacher_names == ["resnet8", "resnet8-bis"]
+
+
+def test_stop_after_epoch_is_checked_before_training(tmp_path, teacher_dirs):
+    overrides = ["optim.epochs=2", "distill.strategy=aver"]
+    run_inprocess(small_experiment(tmp_path / "run", teacher_dirs, overrides), stop_after_epoch=1, progress=False)
+    again = run_inprocess(small_experiment(tmp_path / "run", teacher_dirs, overrides), resume=True,
+                          stop_after_epoch=1, progress=False)
+    assert again["epochs"] == 1 and len(again["history"]) == 1
