@@ -92,6 +92,13 @@ class RunDirectory:
         complete = [f for f in folders if (f / META_FILE).is_file()]
         return complete[-1] if complete else None
 
+    def checkpoint_to_resume(self) -> Path:
+        """The newest complete checkpoint; raises :class:`CheckpointError` when there is none."""
+        folder = self.latest_checkpoint()
+        if folder is None:
+            raise CheckpointError(f"no complete checkpoint under {str(self.path / CHECKPOINTS)!r} to resume from")
+        return folder
+
     def prune(self, keep: int) -> None:
         folders = sorted((self.path / CHECKPOINTS).glob("epoch_*"))
         for folder in folders[: max(0, len(folders) - keep)]:

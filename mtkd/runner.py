@@ -55,16 +55,18 @@ def run_meta(config: ExperimentConfig, distiller: Distiller, train_set, metrics:
     }
 
 
+def check_resumable(meta: dict, descriptions: list[dict], student: str) -> None:
+    """Refuse to continue a checkpoint (its ``meta``) with another teacher pool or student."""
+    check_same_pool(meta["teachers"], teacher_manifest(descriptions))
+    if meta["student"] != student:
+        raise CheckpointError(f"student differs: the run trains {meta['student']!r}, got {student!r}")
+
+
 def resume_into(distiller: Distiller, run: RunDirectory, folder: Path | None = None, write: bool = True) -> None:
     """Load a checkpoint (default: the newest of ``run``) into ``distiller``; refuse a different pool
     or student. With ``write``, drop the log lines of work done after that checkpoint."""
-    folder = folder or run.latest_checkpoint()
-    if folder is None:
-        raise CheckpointError(f"no complete checkpoint under {str(run.path / 'checkpoints')!r} to resume from")
-    state, meta = load_checkpoint(folder)
-    check_same_pool(meta["teachers"], teacher_manifest(distiller.descriptions))
-    if meta["student"] != distiller.config.student:
-        raise CheckpointError(f"student differs: the run trains {meta['student']!r}, got {distiller.config.student!r}")
+    state, meta = load_checkpoint(folder or run.checkpoint_to_resume())
+    check_resumable(meta, distiller.descriptions, distiller.config.student)
     distiller.load_state_dict(state)
     if write:
         run.truncate(run.metrics_path, "epoch", distiller.epoch)
@@ -157,4 +159,4 @@ def run_inprocess(config: ExperimentConfig, resume: bool = False, stop_after_epo
     return summary
 
 
-__all__ = ["FitHooks", "fit", "finish", "load_local_pool", "resume_into", "prepare_run_dir", "run_inprocess", "run_meta"]
+__all__ = ["FitHooks", "check_resumable", "fit", "finish", "load_local_pool", "resume_into", "prepare_run_dir", "run_inprocess", "run_meta"]

@@ -68,6 +68,7 @@ def cmd_serve_teacher(args: argparse.Namespace) -> dict:
 
 
 def cmd_serve_agent(args: argparse.Namespace) -> dict:
+    from mtkd.engine import agent_kwargs
     from mtkd.runner import load_local_pool
     from services.agent.backend import AgentBackend
     from services.agent.grpc_server import serve, stop
@@ -76,13 +77,11 @@ def cmd_serve_agent(args: argparse.Namespace) -> dict:
     descriptions = load_local_pool(config).describe()
     if not descriptions:
         raise ConfigError("serve-agent needs the teacher pool (teachers=[...]) to size the agent's state")
-    a = config.agent
-    backend = AgentBackend([d["embedding_dim"] for d in descriptions], int(descriptions[0]["num_classes"]), rule=a.rule,
-                           mixing=a.mixing, agent_step=a.agent_step, lr=a.lr, concentration=a.concentration,
-                           seed=config.seed + 2)
+    backend = AgentBackend([d["embedding_dim"] for d in descriptions], int(descriptions[0]["num_classes"]),
+                           **agent_kwargs(config))
     server, port = serve(backend, host=args.host, port=args.port, token=_token(args), tls_cert=args.tls_cert,
                          tls_key=args.tls_key, max_message_bytes=args.max_message_mb << 20)
-    return _serve_until_signal(server, stop, f"the agent ({a.rule}, {a.mixing})", port, args)
+    return _serve_until_signal(server, stop, f"the agent ({config.agent.rule}, {config.agent.mixing})", port, args)
 
 
 def cmd_demo(args: argparse.Namespace) -> dict:

@@ -12,7 +12,7 @@ import ray
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
-from mtkd.checkpoint import META_FILE, CheckpointError, read_json
+from mtkd.checkpoint import META_FILE, read_json
 from mtkd.cli import USER_ERRORS
 from mtkd.config import ExperimentConfig, save_config, to_dict
 from mtkd.data import load_dataset
@@ -20,8 +20,7 @@ from mtkd.distill import STRATEGIES
 from mtkd.engine import agent_kwargs, check_pool
 from mtkd.experiment import RunDirectory
 from mtkd.models import MODELS
-from mtkd.runner import KEEP_CHECKPOINTS, prepare_run_dir
-from mtkd.teachers import check_same_pool, teacher_manifest
+from mtkd.runner import KEEP_CHECKPOINTS, check_resumable, prepare_run_dir
 from services.agent.actor import start_agent_actor
 from services.teacher_server.pool import start_teacher_actors, stop_actors, teacher_source
 
@@ -29,11 +28,15 @@ from services.teacher_server.pool import start_teacher_actors, stop_actors, teac
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
+def teacher_replicas(config: ExperimentConfig) -> int:
+    """Teacher actors the run starts (at least one per teacher)."""
+    return sum(max(1, t.replicas) for t in config.teachers)
+
+
 def logical_cpus_needed(config: ExperimentConfig) -> float:
     """CPUs the run's actors ask Ray for: learners plus teacher replicas."""
     rt = config.runtime
-    replicas = sum(max(1, t.replicas) for t in config.teachers)
-    return rt.num_learners * rt.learner_num_cpus + replicas * rt.teacher_num_cpus
+    return rt.num_learners * rt.learner_num_cpus + teacher_replicas(config) * rt.teacher_num_cpus
 
 
 def ensure_ray(config: ExperimentConfig) -> bool:
@@ -59,7 +62,7 @@ def ensure_ray(config: ExperimentConfig) -> bool:
 def check_resources(config: ExperimentConfig) -> None:
     """Refuse a run whose actors cannot all be placed (they would wait forever)."""
     resources = ray.cluster_resources()
-    replicas = sum(max(1, t.replicas) for t in config.teachers)
+    replicas = teacher_replicas(config)
     problems = []
     cpus, cpus_needed = float(resources.get("CPU", 0.0)), logical_cpus_needed(config)
     if cpus_needed > cpus + 1e-9:
@@ -90,13 +93,8 @@ def preflight(config: ExperimentConfig, descriptions: list[dict], run: RunDirect
     check_pool(descriptions, dataset.num_classes, dataset.image_shape)
     if not resume:
         return None
-    folder = run.latest_checkpoint()
-    if folder is None:
-        raise CheckpointError(f"no complete checkpoint under {str(run.path / 'checkpoints')!r} to resume from")
-    meta = read_json(folder / META_FILE)
-    check_same_pool(meta["teachers"], teacher_manifest(descriptions))
-    if meta["student"] != config.student:
-        raise CheckpointError(f"student differs: the run trains {meta['student']!r}, got {config.student!r}")
+    folder = run.checkpoint_to_resume()
+    check_resumable(read_json(folder / META_FILE), descriptions, config.student)
     return folder
 
 
