@@ -52,7 +52,7 @@ def main() -> None:
             summary = run_inprocess(experiment(Path(tmp) / label, args.teachers, [*common, *overrides]), progress=False)
             results[label] = seconds_per_step(summary["history"])
         torch.set_num_threads(default_threads)
-        from services.learner.launcher import run_ray
+        from services.learner.driver import run_ray
 
         for label, prefetch in (("ray_prefetch0", 0), ("ray_prefetch1", 1)):
             config = experiment(Path(tmp) / label, args.teachers,

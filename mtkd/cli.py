@@ -45,7 +45,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> dict:
 def cmd_eval(args: argparse.Namespace) -> dict:
     from mtkd.teacher_training import evaluate_checkpoint
 
-    return evaluate_checkpoint(args.checkpoint, args.dataset, args.root)
+    return evaluate_checkpoint(args.checkpoint, args.dataset, args.root, device=args.device)
 
 
 def cmd_distill_inprocess(args: argparse.Namespace) -> dict:
@@ -76,6 +76,7 @@ def build_parser(distill: Callable[[argparse.Namespace], dict] = cmd_distill_inp
     p.add_argument("checkpoint", help="a teacher or exported student folder")
     p.add_argument("--dataset", help="dataset name (default: the one in the checkpoint's metadata)")
     p.add_argument("--root", help="dataset folder (default: the dataset's default location)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("distill", help="distill a student from a teacher pool")

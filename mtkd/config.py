@@ -21,6 +21,25 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid. The message names the key."""
 
 
+RUNTIMES = ("ray", "inprocess")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("step", "onecycle")
+
+
+def _choice(where: str, value: Any, valid: tuple[str, ...]) -> None:
+    if isinstance(value, str) and value not in valid:
+        raise ConfigError(f"{where}: unknown value {value!r} (valid: {', '.join(valid)})")
+
+
+def check_device(value: Any, where: str = "device") -> None:
+    """Raise :class:`ConfigError` unless ``value`` is auto, cpu, cuda or cuda:N."""
+    if not isinstance(value, str):
+        return  # the type check names it
+    head, _, index = value.partition(":")
+    if head not in ("auto", "cpu", "cuda") or (index and (head != "cuda" or not index.isdigit())):
+        raise ConfigError(f"{where}: unknown device {value!r} (valid: auto, cpu, cuda, cuda:N)")
+
+
 @dataclass
 class DataConfig:
     name: str = "fashion_mnist"
@@ -41,6 +60,17 @@ class DataConfig:
     """Zero padding of the random crop."""
     hflip: bool = True
     """Random horizontal flip (p = 0.5)."""
+    augment_bank: int = 0
+    """K > 0: each training sample gets K fixed seeded augmentations and every epoch draws one of
+    them, so that teacher outputs repeat and the cache serves them after the first epochs
+    (0: a fresh augmentation every epoch, the reference recipe)."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_batch_size"):
+            if isinstance(getattr(self, name), int) and getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}: expected an int >= 1, got {getattr(self, name)}")
+        if isinstance(self.augment_bank, int) and self.augment_bank < 0:
+            raise ConfigError(f"data.augment_bank: expected an int >= 0, got {self.augment_bank}")
 
 
 @dataclass
@@ -59,6 +89,13 @@ class OptimConfig:
     """Epochs at which the learning rate is multiplied by ``gamma``."""
     gamma: float = 0.1
     """Learning-rate decay factor."""
+    schedule: str = "step"
+    """step: multiply by ``gamma`` at each milestone (the reference recipe); onecycle: per step,
+    a linear warm-up from ``lr / 25`` to ``lr`` over the first 30% of the steps, then a cosine
+    decay to ``lr / 1e4`` (``torch.optim.lr_scheduler.OneCycleLR``'s shape)."""
+
+    def __post_init__(self) -> None:
+        _choice("optim.schedule", self.schedule, SCHEDULES)
 
 
 @dataclass
@@ -71,6 +108,14 @@ class TeacherSpec:
     """host:port of a teacher served by ``mtkd serve-teacher`` (Ray runtime only)."""
     replicas: int = 1
     """Ray runtime: actor replicas serving this teacher."""
+    num_cpus: float | None = None
+    """Ray runtime: CPUs per replica (None: ``runtime.teacher_num_cpus``)."""
+    num_gpus: float | None = None
+    """Ray runtime: GPUs per replica, fractions allowed (None: ``runtime.teacher_num_gpus``); > 0
+    runs the teacher on that GPU."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Ray runtime: custom resources per replica, e.g. ``{teacher_node: 1}`` to place the teacher on
+    the nodes started with ``--resources='{"teacher_node": N}'``."""
     token_file: str | None = None
     """A file holding the bearer token of a served teacher (``address``)."""
     root_cert: str | None = None
@@ -108,21 +153,77 @@ class RuntimeConfig:
     runtime: str = "ray"
     """ray (the distributed service, default) or inprocess (the reference engine)."""
     address: str | None = None
-    """Ray cluster address; None starts a private local Ray."""
+    """Ray cluster to join ("auto", "ray://head:10001", ...). None: the cluster of ``RAY_ADDRESS`` or of
+    the ``ray job`` this runs in, else a private local Ray started (and stopped) for the run."""
+    device: str = "auto"
+    """Where the student trains: auto (cuda when available, else cpu), cpu, cuda or cuda:N. On Ray,
+    a GPU device gives each learner worker a GPU (``ScalingConfig(use_gpu=True)``)."""
+    teacher_precision: str = "auto"
+    """Teacher inference: fp32 (exact), bf16 or fp16 (autocast + channels_last; outputs handed to the
+    losses in fp32). auto: bf16 where the teacher's device runs it natively (CUDA with bf16, a CPU
+    with AMX or AVX512-BF16), else fp32."""
+    student_precision: str = "fp32"
+    """Student forward/backward: fp32 or bf16 (autocast; the losses are computed in fp32)."""
+    compile_teachers: bool = False
+    """Compile teacher models with ``torch.compile`` (slow to start; see docs/results.md for when it pays)."""
     num_learners: int = 1
-    """Ray Train workers training the student together (gradients averaged)."""
+    """Ray Train workers training the student together (DistributedDataParallel)."""
+    learner_num_cpus: float = 1.0
+    """Ray CPUs per learner worker."""
+    learner_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per learner worker, e.g. ``{learner_node: 1}``."""
+    sync_batchnorm: bool = False
+    """With several learners, synchronise batch-norm statistics across them (SyncBatchNorm; CUDA only)."""
     prefetch: int = 1
     """Batches whose teacher outputs are requested ahead of the one being trained (0: none)."""
     half_precision: bool = False
-    """Move teacher outputs in float16 (faster, not bit-exact with the in-process engine)."""
+    """Move fp32 teacher outputs in float16 (half the bytes, not bit-exact with the in-process engine).
+    Outputs of bf16/fp16 teachers always travel in their own 16-bit format (lossless)."""
     teacher_num_cpus: float = 0.5
-    """Ray CPUs per teacher actor (fractional)."""
+    """Ray CPUs per teacher replica unless the teacher says otherwise (fractional)."""
     teacher_num_gpus: float = 0.0
-    """Ray GPUs per teacher actor (fractional allowed)."""
-    learner_num_cpus: float = 1.0
-    """Ray CPUs per learner worker."""
+    """Ray GPUs per teacher replica unless the teacher says otherwise (fractions allowed)."""
+    storage_path: str | None = None
+    """Where Ray Train keeps checkpoints: a folder every node can reach, or a URI pyarrow supports
+    (s3://..., gs://...). None: ``<output_dir>/ray`` (enough on one machine)."""
+    max_failures: int = 2
+    """Ray runtime: restarts of the learners from their newest checkpoint after a worker or node
+    failure (-1: unlimited). Errors in the run itself (a NaN loss, a bad checkpoint) never restart."""
+    agent_buffer_mb: float = 512.0
+    """The most memory the agent's experience buffer may hold (``agent_step`` batches of states); a
+    config that would exceed it is refused at start-up."""
     threads: int | None = None
     """torch threads in the in-process engine (None: torch's default)."""
+
+    def __post_init__(self) -> None:
+        _choice("runtime.runtime", self.runtime, RUNTIMES)
+        check_device(self.device, "runtime.device")
+        _choice("runtime.teacher_precision", self.teacher_precision, ("auto", *PRECISIONS))
+        _choice("runtime.student_precision", self.student_precision, ("fp32", "bf16"))
+        for name in ("num_learners",):
+            if isinstance(getattr(self, name), int) and getattr(self, name) < 1:
+                raise ConfigError(f"runtime.{name}: expected an int >= 1, got {getattr(self, name)}")
+        if isinstance(self.prefetch, int) and self.prefetch < 0:
+            raise ConfigError(f"runtime.prefetch: expected an int >= 0, got {self.prefetch}")
+        if isinstance(self.max_failures, int) and self.max_failures < -1:
+            raise ConfigError(f"runtime.max_failures: expected an int >= -1, got {self.max_failures}")
+
+
+@dataclass
+class CacheConfig:
+    url: str | None = None
+    """Redis cache of teacher outputs: None (off), ``local`` (a private ``redis-server`` on a free
+    loopback port, stopped at the end) or ``redis://host:port/db`` (a shared server)."""
+    max_memory_mb: int = 2048
+    """``local`` only: the private server's ``maxmemory`` (evicting least recently used entries)."""
+    value_dtype: str = "auto"
+    """How outputs are stored: auto (the teacher's own output precision: lossless), float16 or
+    bfloat16 (compact; fp32 teachers are then not bit-exact)."""
+
+    def __post_init__(self) -> None:
+        _choice("cache.value_dtype", self.value_dtype, ("auto", "float16", "bfloat16"))
+        if isinstance(self.max_memory_mb, int) and self.max_memory_mb < 1:
+            raise ConfigError(f"cache.max_memory_mb: expected an int >= 1, got {self.max_memory_mb}")
 
 
 @dataclass
@@ -140,6 +241,7 @@ class ExperimentConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 @dataclass
@@ -155,6 +257,14 @@ class TeacherTrainConfig:
                                                                    weight_decay=5e-4, milestones=[]))
     threads: int | None = None
     """torch threads (None: torch's default)."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
+    precision: str = "fp32"
+    """fp32 or bf16 (autocast + channels_last: about 3x faster on CPUs with AMX; the weights stay fp32)."""
+
+    def __post_init__(self) -> None:
+        check_device(self.device, "device")
+        _choice("precision", self.precision, ("fp32", "bf16"))
 
 
 # ----------------------------------------------------------------------------- building
@@ -183,6 +293,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return _coerce(inner[0], value, where)
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(args[0], k, f"{where} key"): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -212,19 +326,53 @@ def to_dict(config: Any) -> dict:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b=value`` overrides to a raw config mapping (values parsed as YAML)."""
+    """Apply ``a.b=value`` overrides to a raw config mapping (values parsed as YAML).
+
+    A numeric key indexes a list: ``teachers.0.replicas=2``; ``teachers=[{checkpoint: a}]`` replaces
+    the whole list.
+    """
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         dotted, raw = item.split("=", 1)
-        node = data
         keys = dotted.strip().split(".")
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node: Any = data
+        for depth, key in enumerate(keys[:-1]):
+            node = _child(node, key, ".".join(keys[: depth + 1]), dotted)
+        _assign(node, keys[-1], yaml.safe_load(raw) if raw.strip() else None, dotted)
     return data
+
+
+def _child(node: Any, key: str, path: str, dotted: str) -> Any:
+    """The section or list item ``key`` of ``node`` (a missing section is created)."""
+    if isinstance(node, list):
+        return node[_list_index(node, key, path, dotted)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {dotted!r}: {path.rsplit('.', 1)[0]!r} is not a section")
+    child = node.setdefault(key, {})
+    if not isinstance(child, (dict, list)):
+        raise ConfigError(f"override {dotted!r}: {path!r} is not a section")
+    return child
+
+
+def _assign(node: Any, key: str, value: Any, dotted: str) -> None:
+    if isinstance(node, list):
+        node[_list_index(node, key, dotted, dotted)] = value
+    elif isinstance(node, dict):
+        node[key] = value
+    else:
+        raise ConfigError(f"override {dotted!r}: {dotted.rsplit('.', 1)[0]!r} is not a section")
+
+
+def _list_index(items: list, key: str, path: str, dotted: str) -> int:
+    if not key.isdigit():
+        raise ConfigError(f"override {dotted!r}: {path.rsplit('.', 1)[0]!r} is a list; index it with a number, "
+                          f"got {key!r}")
+    index = int(key)
+    if index >= len(items):
+        raise ConfigError(f"override {dotted!r}: index {index} is out of range (the list has {len(items)} "
+                          f"item{'s' if len(items) != 1 else ''})")
+    return index
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:

@@ -13,9 +13,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from mtkd.config import ExperimentConfig, OptimConfig
+from mtkd.config import ConfigError, ExperimentConfig, OptimConfig
+from mtkd.devices import autocast, memory_format, resolve_device, resolve_precision
 from mtkd.distill import (STRATEGIES, Agent, StepFeedback, StepInputs, Strategy, agent_state, build_projectors,
-                          feature_mse, kd_kl, per_sample_ce, raw_reward, normalized_reward)
+                          feature_mse, kd_kl, per_sample_ce, raw_reward, normalized_reward, state_dim)
 from mtkd.models import Outputs, create_model
 
 
@@ -68,25 +69,30 @@ class StudentWithProjectors(nn.Module):
 
 
 def build_trainable(config: ExperimentConfig, num_classes: int, input_shape, teacher_descriptions: list[dict]):
-    """The student (seed) and projectors (seed + 1), independent of the caller's RNG state."""
+    """The student (seed) and, when the strategy distils, one projector per teacher (seed + 1);
+    independent of the caller's RNG state. (``ce`` gets none: every parameter then has a gradient,
+    as DistributedDataParallel requires.)"""
     student = seeded(config.seed, lambda: create_model(config.student, num_classes=num_classes, in_channels=input_shape[0]))
     student.eval()
     with torch.no_grad():
         student_channels = Outputs(*student(torch.zeros(1, *input_shape))).feature.shape[1]
     student.train()
-    shapes = [tuple(d["feature_shape"]) for d in teacher_descriptions]
+    distils = STRATEGIES.get(config.distill.strategy).uses_teachers
+    shapes = [tuple(d["feature_shape"]) for d in teacher_descriptions] if distils else []
     projectors = seeded(config.seed + 1, lambda: build_projectors(student_channels, shapes))
     return StudentWithProjectors(student, projectors)
 
 
-def build_strategy(config: ExperimentConfig, teacher_descriptions: list[dict], num_classes: int, agent=None) -> Strategy:
+def build_strategy(config: ExperimentConfig, teacher_descriptions: list[dict], num_classes: int, agent=None,
+                   device: torch.device | None = None) -> Strategy:
     """The configured strategy; one that ``needs_agent`` gets ``agent`` or a new in-process
-    :class:`Agent` (seed + 2)."""
+    :class:`Agent` (seed + 2) whose policy lives on ``device``."""
     factory = STRATEGIES.get(config.distill.strategy)
     if not factory.needs_agent:
         return factory()
     if agent is None:
         agent = Agent([int(d["embedding_dim"]) for d in teacher_descriptions], num_classes, **agent_kwargs(config))
+        agent.policy.to(device or "cpu")  # in place: the agent's optimiser keeps its parameters
     return factory(agent)
 
 
@@ -97,9 +103,48 @@ def agent_kwargs(config: ExperimentConfig) -> dict:
             "concentration": a.concentration, "seed": config.seed + 2}
 
 
-def learning_rate(optim: OptimConfig, epoch: int) -> float:
-    """Step schedule: ``lr * gamma^(number of milestones <= epoch)``; ``epoch`` counts from 0."""
-    return optim.lr * optim.gamma ** sum(1 for m in optim.milestones if epoch >= m)
+ONECYCLE_WARMUP = 0.3  # fraction of the steps spent rising to the peak
+ONECYCLE_START, ONECYCLE_END = 1 / 25, 1e-4  # of the peak lr
+
+
+def agent_buffer_bytes(config: ExperimentConfig, state_width: int, num_teachers: int, batches_per_epoch: int) -> int:
+    """The most bytes the agent's buffer holds: ``agent_step`` batches (at most an epoch's, as it
+    also updates at every epoch end) of float32 states, rewards and, for reinforce, acted weights."""
+    per_sample = state_width + 1 + (2 * num_teachers if config.agent.rule == "reinforce" else 0)
+    batches = min(config.agent.agent_step, max(1, batches_per_epoch))
+    return batches * config.data.batch_size * per_sample * 4
+
+
+def check_agent_buffer(config: ExperimentConfig, descriptions: list[dict], num_classes: int,
+                       batches_per_epoch: int) -> None:
+    """Refuse a config whose agent buffer could outgrow ``runtime.agent_buffer_mb`` (only strategies
+    with an agent have one)."""
+    if not STRATEGIES.get(config.distill.strategy).needs_agent:
+        return
+    width = state_dim([int(d["embedding_dim"]) for d in descriptions], num_classes)
+    need = agent_buffer_bytes(config, width, len(descriptions), batches_per_epoch)
+    limit = config.runtime.agent_buffer_mb * 2**20
+    if need > limit:
+        raise ConfigError(
+            f"the agent's buffer could hold {need / 2**20:.0f} MiB ({min(config.agent.agent_step, batches_per_epoch)} "
+            f"batches x {config.data.batch_size} samples x {width} state values), over runtime.agent_buffer_mb="
+            f"{config.runtime.agent_buffer_mb:g}; lower agent.agent_step or raise runtime.agent_buffer_mb")
+
+
+def learning_rate(optim: OptimConfig, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+    """The lr of ``step`` (from 0) of ``epoch`` (from 0).
+
+    ``step`` schedule: ``lr * gamma^(number of milestones <= epoch)``. ``onecycle``: linear from
+    ``lr/25`` to ``lr`` over the first 30% of all steps, then a cosine to ``lr * 1e-4``.
+    """
+    if optim.schedule == "step":
+        return optim.lr * optim.gamma ** sum(1 for m in optim.milestones if epoch >= m)
+    total = max(1, optim.epochs * steps_per_epoch - 1)
+    progress = min(1.0, (epoch * steps_per_epoch + step) / total)
+    if progress < ONECYCLE_WARMUP:
+        return optim.lr * (ONECYCLE_START + (1 - ONECYCLE_START) * progress / ONECYCLE_WARMUP)
+    decay = (progress - ONECYCLE_WARMUP) / (1 - ONECYCLE_WARMUP)
+    return optim.lr * (ONECYCLE_END + (1 - ONECYCLE_END) * 0.5 * (1 + math.cos(math.pi * decay)))
 
 
 def make_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.SGD:
@@ -125,10 +170,31 @@ class StepResult:
     diagnostics: dict
 
 
-def _check_finite(parts: dict[str, torch.Tensor], where: str) -> None:
-    for name, value in parts.items():
-        if not torch.isfinite(value).all():
-            raise NonFiniteLossError(f"non-finite loss at {where}: loss part {name!r} = {value.item()}")
+LOSS_PARTS = ("ce", "kd", "feature")
+
+
+def _check_finite(parts: dict[str, float], where: str, agree: Callable[[bool], bool] | None = None) -> None:
+    """Raise :class:`NonFiniteLossError` naming the first non-finite part. With ``agree`` (several
+    learners: "is it true on every learner?"), every learner raises when any of them saw one."""
+    bad = [(name, value) for name, value in parts.items() if not math.isfinite(value)]
+    everywhere_finite = agree(not bad) if agree is not None else not bad
+    if bad:
+        raise NonFiniteLossError(f"non-finite loss at {where}: loss part {bad[0][0]!r} = {bad[0][1]}")
+    if not everywhere_finite:
+        raise NonFiniteLossError(f"non-finite loss at {where} on another learner")
+
+
+def teacher_fields(strategy: Strategy) -> tuple[str, ...]:
+    """The teacher outputs a strategy's step uses: logits and feature maps, and embeddings for the
+    agent state."""
+    if not strategy.uses_teachers:
+        return ()
+    return ("logits", "embedding", "feature") if strategy.needs_state else ("logits", "feature")
+
+
+def as_float_outputs(outputs: Outputs, device: torch.device) -> Outputs:
+    """Teacher outputs on ``device`` in float32 (the losses' precision); absent fields stay None."""
+    return Outputs(*(None if t is None else t.to(device, dtype=torch.float32, non_blocking=True) for t in outputs))
 
 
 # ----------------------------------------------------------------------------------- engine
@@ -137,26 +203,37 @@ class Distiller:
 
     Args:
         config: the experiment.
-        pool: a teacher source with ``describe()``, ``submit(batch_index, images)``, ``collect(ticket)``.
+        pool: a teacher source with ``describe()``, ``submit(batch) -> ticket``, ``collect(ticket)``
+            (and ``accepts_device_batches``: whether it may be handed batches already on ``device``).
         num_classes, input_shape: of the dataset.
         agent: the agent for ``mtkd_rl`` (default: a new in-process :class:`Agent`).
-        grad_sync: called on the trainable module after ``backward`` (averages gradients across
-            learner workers on Ray; nothing in process).
+        device: where the student trains (default: ``config.runtime.device``).
+        wrap_module: wraps the trainable module for the forward/backward pass (Ray Train's
+            ``prepare_model``: DistributedDataParallel); state, evaluation and checkpoints use the
+            unwrapped :attr:`module`.
+        agree: with several learners, ``agree(flag)`` tells whether ``flag`` holds on every learner;
+            a non-finite loss on one then stops all of them at the same step.
     """
 
     def __init__(self, config: ExperimentConfig, pool, num_classes: int, input_shape, *, agent=None,
-                 grad_sync: Callable[[nn.Module], None] | None = None):
+                 device: str | torch.device | None = None,
+                 wrap_module: Callable[[nn.Module], nn.Module] | None = None,
+                 agree: Callable[[bool], bool] | None = None):
         self.config = config
         self.pool = pool
+        self.device = resolve_device(device if device is not None else config.runtime.device)
+        self.precision = resolve_precision(config.runtime.student_precision, self.device)
         self.descriptions = pool.describe()
         check_pool(self.descriptions, num_classes, input_shape)
         self.teacher_names = [d["name"] for d in self.descriptions]
         self.module = build_trainable(config, num_classes, input_shape, self.descriptions)
+        self.module.to(self.device, memory_format=memory_format(self.precision))
+        self.forward_module = wrap_module(self.module) if wrap_module is not None else self.module
         self.optimizer = make_optimizer(self.module, config.optim)
-        self.strategy = build_strategy(config, self.descriptions, num_classes, agent)
+        self.strategy = build_strategy(config, self.descriptions, num_classes, agent, self.device)
         if self.strategy.uses_teachers and not self.descriptions:
             raise PoolMismatchError(f"strategy {config.distill.strategy!r} needs at least one teacher; the pool is empty")
-        self.grad_sync = grad_sync
+        self.agree = agree
         self.epoch = 0  # the next epoch to train
         self.global_step = 0
 
@@ -166,16 +243,27 @@ class Distiller:
 
     # ------------------------------------------------------------------ one step
     def step(self, images: torch.Tensor, targets: torch.Tensor, teacher_outputs: list[Outputs] | None) -> StepResult:
-        """One optimiser step on a batch ``images [B, C, H, W]``, ``targets [B]``."""
+        """One optimiser step on a batch ``images [B, C, H, W]``, ``targets [B]`` (on :attr:`device`),
+        with the teachers' float32 outputs on the same device.
+
+        The step's scalars are gathered into one tensor and read with a single device sync.
+        """
         cfg = self.config.distill
-        student_out, projected = self.module(images)
+        with autocast(self.device, self.precision):
+            student_out, projected = self.forward_module(images)
+        student_out = Outputs(*(t.float() for t in student_out))  # losses in fp32 (a no-op in fp32)
+        projected = [p.float() for p in projected]
         ce = per_sample_ce(student_out.logits, targets)  # [B]
+        correct = (student_out.logits.detach().argmax(1) == targets).sum()
         where = f"epoch {self.epoch + 1} step {self.global_step + 1}"
         if not self.strategy.uses_teachers:
             loss = ce.mean()
-            _check_finite({"ce": loss}, where)
+            zero = torch.zeros((), device=self.device)
+            values = torch.stack([loss.detach(), loss.detach(), zero, zero, zero, zero, correct.float()]).tolist()
+            _check_finite({"ce": values[1]}, where, self.agree)
             self._optimise(loss)
-            return self._result(loss, ce.mean(), None, None, student_out, targets, None, None, {})
+            return StepResult(*values[:4], correct=int(values[6]), batch=targets.shape[0], weight_logit=[],
+                              weight_feature=[], reward=0.0, reward_hat=0.0, diagnostics={})
         kl = torch.stack([kd_kl(student_out.logits, t.logits, cfg.temperature) for t in teacher_outputs], 1)  # [B, M]
         mse = torch.stack([feature_mse(p, t.feature) for p, t in zip(projected, teacher_outputs)], 1)  # [B, M]
         state = None
@@ -186,77 +274,79 @@ class Distiller:
         kd_term = (weights.logit * kl).mean(0).sum()
         feature_term = cfg.beta * (weights.feature * mse).mean(0).sum()
         ce_term = ce.mean()
-        _check_finite({"ce": ce_term, "kd": kd_term, "feature": feature_term}, where)
         loss = ce_term + kd_term + feature_term
         reward = raw_reward(ce.detach(), kl.detach(), mse.detach(), weights.logit, weights.feature, cfg.beta)
+        scalars = torch.cat([torch.stack([loss.detach(), ce_term.detach(), kd_term.detach(), feature_term.detach(),
+                                          reward.mean(), normalized_reward(reward).mean(), correct.float()]),
+                             weights.logit.detach().mean(0), weights.feature.detach().mean(0)])
+        values = scalars.tolist()  # the step's one host sync
+        _check_finite(dict(zip(LOSS_PARTS, values[1:4])), where, self.agree)
         self._optimise(loss)
         diagnostics = dict(weights.diagnostics)
         diagnostics.update(self.strategy.observe(StepFeedback(state, reward, weights.logit, weights.feature, self.warmup)))
-        return self._result(loss, ce_term, kd_term, feature_term, student_out, targets, weights, reward, diagnostics)
+        num_teachers = len(teacher_outputs)
+        return StepResult(*values[:4], correct=int(values[6]), batch=targets.shape[0],
+                          weight_logit=values[7:7 + num_teachers], weight_feature=values[7 + num_teachers:],
+                          reward=values[4], reward_hat=values[5], diagnostics=diagnostics)
 
     def _optimise(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.grad_sync is not None:
-            self.grad_sync(self.module)
         self.optimizer.step()
         self.global_step += 1
 
-    def _result(self, loss, ce, kd, feature, student_out, targets, weights, reward, diagnostics) -> StepResult:
-        correct = int((student_out.logits.argmax(1) == targets).sum())
-        return StepResult(
-            loss=loss.item(), ce=ce.item(), kd=kd.item() if kd is not None else 0.0,
-            feature=feature.item() if feature is not None else 0.0, correct=correct, batch=targets.shape[0],
-            weight_logit=weights.logit.mean(0).tolist() if weights is not None else [],
-            weight_feature=weights.feature.mean(0).tolist() if weights is not None else [],
-            reward=reward.mean().item() if reward is not None else 0.0,
-            reward_hat=normalized_reward(reward).mean().item() if reward is not None else 0.0,
-            diagnostics=diagnostics,
-        )
-
     # ----------------------------------------------------------------- one epoch
     def batches_with_teachers(self, loader) -> Iterator[tuple[object, list[Outputs] | None]]:
-        """Yield ``(batch, teacher_outputs)``; the teachers of the next ``runtime.prefetch``
-        batches are requested before the current batch is trained."""
+        """Yield ``(batch, teacher_outputs)`` with the batch and the float32 outputs on :attr:`device`;
+        the teachers of the next ``runtime.prefetch`` batches are requested before the current batch
+        is trained. Each batch moves to the device once."""
         if not self.strategy.uses_teachers:
             for batch in loader:
-                yield batch, None
+                yield self._to_device(batch), None
             return
         pending: deque = deque()
         batches = iter(loader)
         prefetch = max(0, self.config.runtime.prefetch)
+        device_batches = getattr(self.pool, "accepts_device_batches", False)
 
         def fill(in_flight: int) -> None:
             while len(pending) < in_flight:
                 batch = next(batches, None)
                 if batch is None:
                     return
-                pending.append((batch, self.pool.submit(batch.index, batch.images)))
+                on_device = self._to_device(batch)
+                pending.append((on_device, self.pool.submit(on_device if device_batches else batch)))
 
         while True:
             fill(1 + prefetch)
             if not pending:
                 return
             batch, ticket = pending.popleft()
-            teacher_outputs = self.pool.collect(ticket)
+            teacher_outputs = [as_float_outputs(o, self.device) for o in self.pool.collect(ticket)]
             fill(prefetch)  # the next batches are requested before this one is trained
             yield batch, teacher_outputs
 
+    def _to_device(self, batch):
+        return batch._replace(images=batch.images.to(self.device, non_blocking=True),
+                              labels=batch.labels.to(self.device, non_blocking=True))
+
     def train_epoch(self, loader, on_step: Callable[[int, object, StepResult], None] | None = None) -> dict:
         """Train one epoch over ``loader`` (a ``BatchLoader``); returns the epoch's metrics."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.config.optim, self.epoch)
         loader.set_epoch(self.epoch)
         self.module.train()
         totals = _EpochTotals(len(self.teacher_names))
         start = time.perf_counter()
-        for batch, teacher_outputs in self.batches_with_teachers(loader):
+        for position, (batch, teacher_outputs) in enumerate(self.batches_with_teachers(loader)):
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate(self.config.optim, self.epoch, position, len(loader))
             result = self.step(batch.images, batch.labels, teacher_outputs)
             totals.add(result)
             if on_step is not None:
                 on_step(self.global_step, batch, result)
         totals.diagnostics.update(self.strategy.end_epoch())
         metrics = totals.summary(self.teacher_names)
+        if self.strategy.uses_teachers and hasattr(self.pool, "take_stats"):
+            metrics.update(self.pool.take_stats())
         metrics.update({"epoch": self.epoch + 1, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
                         "time/epoch_s": time.perf_counter() - start})
         self.epoch += 1
@@ -264,7 +354,7 @@ class Distiller:
 
     def evaluate(self, loader) -> dict:
         """Top-1 accuracy and mean CE of the student on ``loader`` (no augmentation)."""
-        return evaluate_model(self.module.student, loader)
+        return evaluate_model(self.module.student, loader, self.device, self.precision)
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -288,19 +378,24 @@ class Distiller:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, loader) -> dict:
-    """``{"test/acc", "test/loss"}`` of ``model`` over ``loader`` in eval mode (mode restored after)."""
+def evaluate_model(model: nn.Module, loader, device: torch.device | str = "cpu", precision: str = "fp32") -> dict:
+    """``{"test/acc", "test/loss"}`` of ``model`` (on ``device``) over ``loader`` in eval mode, under
+    ``precision``'s autocast (mode restored after). One host sync at the end."""
+    device = torch.device(device)
     was_training = model.training
     model.eval()
-    correct = total = 0
-    loss_sum = 0.0
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    total = 0
     for batch in loader:
-        logits = Outputs(*model(batch.images)).logits
-        loss_sum += per_sample_ce(logits, batch.labels).sum().item()
-        correct += int((logits.argmax(1) == batch.labels).sum())
-        total += batch.labels.shape[0]
+        images, labels = batch.images.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = Outputs(*model(images)).logits.float()
+        loss_sum += per_sample_ce(logits, labels).sum()
+        correct += (logits.argmax(1) == labels).sum()
+        total += labels.shape[0]
     model.train(was_training)
-    return {"test/acc": correct / max(total, 1), "test/loss": loss_sum / max(total, 1)}
+    return {"test/acc": int(correct) / max(total, 1), "test/loss": float(loss_sum) / max(total, 1)}
 
 
 class _EpochTotals:

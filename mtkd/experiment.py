@@ -32,7 +32,8 @@ def load_data(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset]:
 def train_loader(dataset: ImageDataset, cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> BatchLoader:
     """Shuffled, augmented training batches (last partial batch dropped: BN needs > 1 sample)."""
     return BatchLoader(dataset, cfg.batch_size, shuffle=True, augment=cfg.augment, crop_padding=cfg.crop_padding,
-                       hflip=cfg.hflip, seed=seed, drop_last=True, rank=rank, world_size=world_size)
+                       hflip=cfg.hflip, seed=seed, drop_last=True, rank=rank, world_size=world_size,
+                       augment_bank=cfg.augment_bank)
 
 
 def eval_loader(dataset: ImageDataset, cfg: DataConfig) -> BatchLoader:

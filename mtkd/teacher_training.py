@@ -9,6 +9,7 @@ import torch
 
 from mtkd.config import DistillConfig, ExperimentConfig, RuntimeConfig, TeacherTrainConfig, save_config
 from mtkd.data import BatchLoader, train_test
+from mtkd.devices import resolve_device
 from mtkd.engine import Distiller, evaluate_model
 from mtkd.experiment import RunDirectory, eval_loader, load_data, train_loader
 from mtkd.runner import FitHooks, fit, prepare_run_dir
@@ -19,7 +20,8 @@ def as_experiment(cfg: TeacherTrainConfig) -> ExperimentConfig:
     """The teacher's training as an experiment: ``ce`` strategy, empty pool, its own run folder."""
     return ExperimentConfig(seed=cfg.seed, output_dir=str(Path(cfg.output_dir) / "run"), student=cfg.model,
                             teachers=[], data=cfg.data, optim=cfg.optim, distill=DistillConfig(strategy="ce"),
-                            runtime=RuntimeConfig(runtime="inprocess", prefetch=0, threads=cfg.threads))
+                            runtime=RuntimeConfig(runtime="inprocess", prefetch=0, threads=cfg.threads, device=cfg.device,
+                                                  student_precision=cfg.precision))
 
 
 def train_teacher(cfg: TeacherTrainConfig, progress: bool = True, overwrite: bool = False) -> dict:
@@ -46,15 +48,19 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True, overwrite: boo
         "dataset": {"name": train_set.name, "digest": train_set.digest, "train_samples": len(train_set),
                     "test_samples": len(test_set), "mean": list(train_set.mean), "std": list(train_set.std)},
         "test_accuracy": history[-1]["test/acc"], "epochs": cfg.optim.epochs, "seed": cfg.seed,
+        "trained_with": {"device": str(distiller.device), "precision": distiller.precision,
+                         "schedule": cfg.optim.schedule},
         "train_seconds": round(time.perf_counter() - start, 1),
     }
     return save_teacher(cfg.output_dir, distiller.module.student, meta)
 
 
 def evaluate_checkpoint(folder: str | Path, data_name: str | None = None, root: str | None = None,
-                        batch_size: int = 500) -> dict:
-    """Top-1 accuracy of a checkpoint folder on the test split of its dataset (or ``data_name``)."""
+                        batch_size: int = 500, device: str = "auto") -> dict:
+    """Top-1 accuracy (fp32, on ``device``) of a checkpoint folder on the test split of its dataset (or ``data_name``)."""
     model, meta = load_model_checkpoint(folder)
+    device = resolve_device(device)
+    model.to(device)
     _, test_set = train_test(data_name or meta["dataset"]["name"], root)
     if test_set.num_classes != meta["num_classes"]:
         raise ValueError(f"checkpoint {str(folder)!r} predicts {meta['num_classes']} classes but dataset "
@@ -62,6 +68,6 @@ def evaluate_checkpoint(folder: str | Path, data_name: str | None = None, root: 
     if tuple(test_set.image_shape) != tuple(meta["input_shape"]):
         raise ValueError(f"checkpoint {str(folder)!r} takes input {tuple(meta['input_shape'])} but dataset "
                          f"{test_set.name!r} gives {tuple(test_set.image_shape)}")
-    scores = evaluate_model(model, BatchLoader(test_set, batch_size, shuffle=False))
+    scores = evaluate_model(model, BatchLoader(test_set, batch_size, shuffle=False), device)
     return {"checkpoint": str(folder), "model": meta["model"], "dataset": test_set.name,
             "samples": len(test_set), "test_accuracy": scores["test/acc"], "test_loss": scores["test/loss"]}

@@ -8,7 +8,6 @@ A teacher checkpoint is a folder written by ``mtkd train-teacher``::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 
 from mtkd.checkpoint import (META_FILE, WEIGHTS_FILE, CheckpointError, load_weights, read_json,
                              save_weights, state_dict_digest, write_json)
+from mtkd.devices import autocast, memory_format, numerics_tag, resolve_device, resolve_precision
 from mtkd.models import Outputs, create_model
 
 TEACHER_FORMAT = "mtkd-teacher/1"
@@ -57,31 +57,55 @@ def load_model_checkpoint(folder: str | Path) -> tuple[nn.Module, dict]:
 
 
 class Teacher:
-    """A frozen teacher: eval mode, no gradients. The same duck type as a remote teacher.
+    """A frozen teacher: eval mode, no gradients, on a device, in a precision. The same duck type as a
+    remote teacher (``describe()``, ``infer(images)``).
 
     Args:
         model: a network returning :class:`Outputs`.
         meta: its checkpoint metadata (needs ``input_shape``, ``num_classes``, ``weights_digest``).
         name: a short name (default: ``meta['model']``).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        precision: ``fp32`` (exact), ``bf16``, ``fp16`` or ``auto`` (see :func:`mtkd.devices.resolve_precision`):
+            reduced precision runs under autocast with channels_last weights and inputs.
+        compile: wrap the model in ``torch.compile`` (pays off only for long runs; measure).
     """
 
-    def __init__(self, model: nn.Module, meta: dict, name: str | None = None):
-        self.model = model.eval()
+    def __init__(self, model: nn.Module, meta: dict, name: str | None = None, *, device: str | torch.device = "cpu",
+                 precision: str = "fp32", compile: bool = False):
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = model.eval().to(self.device, memory_format=memory_format(self.precision))
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
+        self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
         self.meta = meta
         self.name = name or meta["model"]
         probe = self.infer(torch.zeros(1, *meta["input_shape"]))
         self.embedding_dim = probe.embedding.shape[1]
         self.feature_shape = tuple(probe.feature.shape[1:])
 
-    @torch.no_grad()
+    @torch.inference_mode()
+    def infer_raw(self, images: torch.Tensor) -> Outputs:
+        """``images [B, C, H, W]`` float32 (any device) -> :class:`Outputs` on the teacher's device, in
+        the dtype they were computed in (bfloat16/float16 under reduced precision: lossless to move
+        or store as such)."""
+        images = images.to(self.device, non_blocking=True)
+        if self.precision != "fp32":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.precision):
+            return Outputs(*self._forward(images))
+
     def infer(self, images: torch.Tensor) -> Outputs:
-        """``images [B, C, H, W]`` float32 -> :class:`Outputs` (logits, embedding, feature)."""
-        return Outputs(*self.model(images))
+        """``images [B, C, H, W]`` float32 -> :class:`Outputs` (logits ``[B, C]``, embedding ``[B, D]``,
+        feature ``[B, K, H', W']``) in float32 on the teacher's device."""
+        return Outputs(*(t.float() for t in self.infer_raw(images)))
 
     def describe(self) -> dict:
-        """Name, classes, input shape, embedding dim, feature shape, weights digest, model."""
+        """Name, classes, input shape, embedding dim, feature shape, weights digest, model, and the
+        input normalisation it was trained with (``mean``/``std`` per channel in ``[0, 1]`` pixel
+        scale, None when the checkpoint does not record them); ``precision`` and ``numerics`` say how
+        it computes (``bf16``, ``cpu-bf16-torch2.13.0``)."""
+        dataset = self.meta.get("dataset") or {}
         return {
             "name": self.name,
             "model": self.meta["model"],
@@ -90,13 +114,18 @@ class Teacher:
             "embedding_dim": int(self.embedding_dim),
             "feature_shape": tuple(int(s) for s in self.feature_shape),
             "digest": self.meta["weights_digest"],
+            "mean": tuple(dataset["mean"]) if dataset.get("mean") else None,
+            "std": tuple(dataset["std"]) if dataset.get("std") else None,
+            "precision": self.precision,
+            "numerics": numerics_tag(self.device, self.precision),
         }
 
 
-def load_teacher(folder: str | Path, name: str | None = None) -> Teacher:
-    """Load a teacher checkpoint folder as a frozen :class:`Teacher`."""
+def load_teacher(folder: str | Path, name: str | None = None, **options) -> Teacher:
+    """Load a teacher checkpoint folder as a frozen :class:`Teacher` (``options``: device, precision,
+    compile; see :class:`Teacher`)."""
     model, meta = load_model_checkpoint(folder)
-    return Teacher(model, meta, name)
+    return Teacher(model, meta, name, **options)
 
 
 def teacher_manifest(descriptions: list[dict]) -> list[dict]:
@@ -117,30 +146,53 @@ def check_same_pool(recorded: list[dict], current: list[dict]) -> None:
                 )
 
 
-@dataclass
-class _Ticket:
-    batch_index: int
-    images: torch.Tensor
-
-
 class LocalTeacherPool:
     """The in-process teacher source: runs every teacher in this process when collected.
 
-    The engine talks to a pool through ``describe()``, ``submit(batch_index, images) -> ticket``
-    and ``collect(ticket) -> list[Outputs]``; the Ray runtime's pool has the same verbs.
+    The engine talks to a pool through ``describe()``, ``submit(batch) -> ticket`` and
+    ``collect(ticket) -> list[Outputs]``; the Ray runtime's pool has the same verbs. Outputs come
+    back on the teachers' device in the dtype they were computed in (the engine makes them float32).
+    ``accepts_device_batches``: the engine may hand over batches already on its device.
+
+    With :meth:`use_cache`, each teacher looks its outputs up in a store before computing them.
     """
+
+    accepts_device_batches = True
 
     def __init__(self, teachers: list[Teacher]):
         self.teachers = teachers
+        self._cache = None  # (store, context, per-teacher TeacherOutputCache)
 
     def describe(self) -> list[dict]:
         return [t.describe() for t in self.teachers]
 
-    def submit(self, batch_index: int, images: torch.Tensor) -> _Ticket:
-        return _Ticket(batch_index, images)
+    def use_cache(self, store, context) -> None:
+        """Look outputs up in ``store`` (an :class:`mtkd.cache.OutputStore`) keyed with ``context``
+        (an :class:`mtkd.cache.CacheContext`) before computing them."""
+        from mtkd.cache import teacher_cache
 
-    def collect(self, ticket: _Ticket) -> list[Outputs]:
-        return [t.infer(ticket.images) for t in self.teachers]
+        caches = [teacher_cache(store, d, context.value_dtype, t.device) for t, d in zip(self.teachers, self.describe())]
+        self._cache = (store, context, caches)
+
+    def submit(self, batch) -> object:
+        """Remember ``batch`` (a :class:`mtkd.data.Batch`); the teachers run at :meth:`collect`."""
+        return batch
+
+    def collect(self, ticket) -> list[Outputs]:
+        if self._cache is None:
+            return [t.infer_raw(ticket.images) for t in self.teachers]
+        _, context, caches = self._cache
+        return [cache.outputs(context.keys(description, ticket), lambda t=t: t.infer_raw(ticket.images))
+                for t, description, cache in zip(self.teachers, self.describe(), caches)]
+
+    def take_stats(self) -> dict[str, float]:
+        """The cache's metrics since the last call (``cache/hit_rate``, ``cache/bytes``...); {} without one."""
+        if self._cache is None:
+            return {}
+        from mtkd.cache import cache_metrics
+
+        store, _, caches = self._cache
+        return cache_metrics([c.take_stats() for c in caches], store.used_bytes())
 
     def close(self) -> None:
         pass

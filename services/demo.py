@@ -76,7 +76,7 @@ def run_demo(config_path: str | None, overrides: list[str], runtime: str = "ray"
         cfg.model = model
         teachers.append(cached_teacher(cfg, Path(demo.cache_dir)))
     if runtime == "ray":
-        from services.learner.launcher import ensure_ray, run_ray as run
+        from services.learner.driver import ensure_ray, run_ray as run
         import ray
 
         sized = copy.deepcopy(demo.student)  # the private Ray must fit the pool's actors

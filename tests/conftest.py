@@ -37,7 +37,8 @@ def small_experiment(output_dir, teacher_dirs, overrides: list[str] = ()) -> Exp
     config = load_config(ExperimentConfig, None, [
         f"output_dir={output_dir}", "student=resnet8", "data.train_subset=128", "data.test_subset=128",
         "data.batch_size=32", "data.crop_padding=2", "optim.epochs=2", "optim.milestones=[1]",
-        "agent.agent_step=3", "runtime.runtime=inprocess", *overrides,
+        "agent.agent_step=3", "runtime.runtime=inprocess", "runtime.device=cpu", "runtime.teacher_precision=fp32",
+        *overrides,
     ])
     config.teachers = [TeacherSpec(checkpoint=d) for d in teacher_dirs]
     return config

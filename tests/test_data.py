@@ -13,11 +13,17 @@ import torch
 
 from mtkd.data import (
     DATASETS,
+    AugmentParams,
+    Batch,
     BatchLoader,
     ImageDataset,
     UnsafePickleError,
+    apply_augment,
+    augment_bank_table,
     augment_batch,
     augment_generator,
+    augment_params,
+    bank_slots,
     derive_seed,
     epoch_order,
     load_dataset,
@@ -464,6 +470,146 @@ def test_loader_argument_errors():
         BatchLoader(ds, 4, world_size=4)
     with pytest.raises(ValueError, match="batch_size=0"):
         BatchLoader(ds, 0)
+
+
+# ----------------------------------------------------------------------------- what a cache key needs
+def _pixels(batch: Batch) -> torch.Tensor:
+    """The uint8 pixels behind a tiny_dataset batch (mean 0.5, std 0.25), exact."""
+    return torch.round((batch.images * 0.25 + 0.5) * 255).to(torch.uint8)
+
+
+def test_loader_without_a_bank_is_unchanged():
+    """Numbers of the fresh-draw path (augment_bank=0), pinned from the code before the bank existed:
+    exact resume and the Ray/in-process equivalence rely on them."""
+    import hashlib
+
+    loader = BatchLoader(tiny_dataset(50), 8, augment=True, crop_padding=2, seed=7, drop_last=True)
+    pinned = {0: ("5ba2d58005806ea6f887b49eb988417bfacebb62618a20c0b6d69837c4e57209", [1, 3, 1, 1, 4, 2, 2, 2]),
+              3: ("79704840622f753785d44fbd6e2e3753f79e506774b3568d3c24be2b8f313537", [3, 1, 0, 4, 1, 1, 0, 4])}
+    for epoch, (digest, first_labels) in pinned.items():
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        h = hashlib.sha256()
+        for batch in batches:
+            h.update(_pixels(batch).numpy().tobytes())
+        assert h.hexdigest() == digest and batches[0].labels.tolist() == first_labels
+    first = batches[0]  # epoch 3, batch 0
+    assert first.sample_index.tolist() == [30, 18, 2, 10, 4, 46, 20, 43]
+    assert first.augment.dy.tolist() == [0, 2, 1, 3, 0, 2, 0, 0]
+    assert first.augment.dx.tolist() == [3, 1, 0, 4, 2, 1, 4, 0]
+    assert first.augment.flip.tolist() == [True, True, True, False, True, True, True, True]
+
+
+@pytest.mark.parametrize("augment, bank", [(False, 0), (True, 0), (True, 3), (False, 3)])
+def test_batches_say_which_samples_and_augmentations_they_hold(augment, bank):
+    ds = tiny_dataset(50)
+    loader = BatchLoader(ds, 8, augment=augment, crop_padding=3, seed=5, augment_bank=bank)
+    for epoch in (0, 4):
+        loader.set_epoch(epoch)
+        seen = []
+        for batch in loader:
+            index = batch.sample_index
+            assert index.dtype == torch.int64 and index.shape == batch.labels.shape
+            assert torch.equal(batch.labels, ds.labels[index])
+            raw = ds.images[index]
+            if augment:
+                params = batch.augment
+                assert isinstance(params, AugmentParams) and params.dy.dtype == params.dx.dtype == torch.int64
+                assert params.flip.dtype == torch.bool and all(t.shape == index.shape for t in params)
+                assert 0 <= int(params.dy.min()) and int(params.dx.max()) <= 6
+                raw = apply_augment(raw, params, 3)
+            else:
+                assert batch.augment is None
+            assert torch.equal(batch.images, normalize(raw, ds.mean, ds.std))  # rebuilt exactly
+            seen.append(index)
+        assert sorted(torch.cat(seen).tolist()) == list(range(50))  # each sample once per epoch
+    assert loader.augment_bank == (bank if augment else 0)
+
+
+def test_hand_built_batches_keep_working():
+    batch = Batch(3, torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]))
+    assert batch.sample_index is None and batch.augment is None
+    k, images, labels, *_ = batch
+    assert k == 3 and images.shape == (2, 1, 4, 4)
+
+
+def _augmentations_by_sample(loader: BatchLoader, epoch: int) -> dict[int, tuple[int, int, bool]]:
+    loader.set_epoch(epoch)
+    found = {}
+    for batch in loader:
+        for i, dy, dx, flip in zip(batch.sample_index.tolist(), *(t.tolist() for t in batch.augment)):
+            found[i] = (dy, dx, flip)
+    return found
+
+
+def test_augment_bank_reuses_exactly_k_augmentations_per_sample():
+    ds, k = tiny_dataset(50), 3
+    loader = BatchLoader(ds, 8, augment=True, crop_padding=4, seed=2, augment_bank=k)
+    table = augment_bank_table(50, k, 2, 4, True)
+    assert table.dy.shape == table.dx.shape == table.flip.shape == (k, 50)
+    columns = {i: [(int(table.dy[j, i]), int(table.dx[j, i]), bool(table.flip[j, i])) for j in range(k)]
+               for i in range(50)}
+    assert sum(len(set(c)) == k for c in columns.values()) > 40  # the K slots of a sample differ
+    epochs = [_augmentations_by_sample(loader, e) for e in range(4 * k)]
+    for cycle in range(4):  # each cycle of K epochs uses each of a sample's K slots once
+        for i in range(50):
+            used = sorted(epochs[cycle * k + j][i] for j in range(k))
+            assert used == sorted(columns[i]), (cycle, i)
+    for i in range(50):  # over 4K epochs: only the bank's augmentations, and all of them
+        assert {epochs[e][i] for e in range(4 * k)} == set(columns[i])
+    assert any(epochs[e] != epochs[e + k] for e in range(k))  # the order within a cycle changes
+    # from epoch K on, every (sample, augmentation) pair -- a teacher-output cache key -- was seen before
+    keys = [{(i, aug) for i, aug in epoch.items()} for epoch in epochs]
+    assert len(set().union(*keys[:k])) == sum(len(set(c)) for c in columns.values())
+    assert all(keys[e] <= set().union(*keys[:k]) for e in range(k, 4 * k))
+
+
+def test_augment_bank_images_repeat_and_ignore_batch_layout():
+    ds = tiny_dataset(50)
+    single = BatchLoader(ds, 8, augment=True, crop_padding=2, seed=4, augment_bank=2)
+
+    def images_by_sample(loader, epoch):
+        loader.set_epoch(epoch)
+        return {i: image for batch in loader for i, image in zip(batch.sample_index.tolist(), batch.images)}
+
+    epoch0, epoch1, epoch2, epoch3 = (images_by_sample(single, e) for e in range(4))
+    for i in range(50):
+        # K = 2: epochs 2 and 3 show each sample the two images of epochs 0 and 1, in some order
+        assert any(torch.equal(epoch2[i], x) for x in (epoch0[i], epoch1[i]))
+        assert any(torch.equal(epoch3[i], x) for x in (epoch0[i], epoch1[i]))
+    # a sample's augmentation depends on (seed, epoch, sample), not on the batch size or the rank
+    other = BatchLoader(ds, 16, augment=True, crop_padding=2, seed=4, augment_bank=2, rank=1, world_size=3)
+    for i, image in images_by_sample(other, 2).items():
+        assert torch.equal(image, epoch2[i])
+    reseeded = images_by_sample(BatchLoader(ds, 8, augment=True, crop_padding=2, seed=5, augment_bank=2), 2)
+    assert sum(torch.equal(reseeded[i], epoch2[i]) for i in range(50)) < 25
+
+
+def test_augment_bank_is_the_documented_draw():
+    gen = torch.Generator().manual_seed(derive_seed("augment-bank", 9))
+    drawn = augment_params(4 * 30, gen, 2, True)
+    table = augment_bank_table(30, 4, 9, 2, True)
+    assert torch.equal(table.dy.long(), drawn.dy.view(4, 30)) and torch.equal(table.flip, drawn.flip.view(4, 30))
+    for epoch in (0, 5, 11):
+        gen = torch.Generator().manual_seed(derive_seed("augment-bank-slot", 9, epoch // 4))
+        expected = torch.rand(30, 4, generator=gen).argsort(dim=1)[:, epoch % 4]
+        assert torch.equal(bank_slots(30, 4, 9, epoch), expected)
+    assert bank_slots(30, 1, 9, 7).tolist() == [0] * 30
+    loader = BatchLoader(tiny_dataset(30), 10, augment=True, crop_padding=2, seed=9, augment_bank=4)
+    loader.set_epoch(5)
+    slots = bank_slots(30, 4, 9, 5)
+    for batch in loader:
+        slot = slots[batch.sample_index]
+        assert torch.equal(batch.augment.dx, table.dx[slot, batch.sample_index].long())
+
+
+def test_augment_bank_argument_errors():
+    ds = tiny_dataset(10)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match=f"augment_bank={bad!r}; expected an int >= 0"):
+            BatchLoader(ds, 4, augment=True, augment_bank=bad)
+    with pytest.raises(ValueError, match="size=0"):
+        bank_slots(10, 0, 0, 0)
 
 
 # ----------------------------------------------------------------------------- dataset helpers

@@ -8,7 +8,8 @@ from mtkd.data.augment import AugmentParams, apply_augment, augment_batch, augme
 from mtkd.data.cifar import RestrictedUnpickler, UnsafePickleError
 from mtkd.data.dataset import ImageDataset, channel_stats, subset
 from mtkd.data.idx import read_idx
-from mtkd.data.loader import Batch, BatchLoader, augment_generator, derive_seed, epoch_order
+from mtkd.data.loader import (Batch, BatchLoader, augment_bank_table, augment_generator, bank_slots, derive_seed,
+                              epoch_order)
 from mtkd.data.registry import DATASETS, load_dataset, train_test
 
 __all__ = [
@@ -20,9 +21,11 @@ __all__ = [
     "RestrictedUnpickler",
     "UnsafePickleError",
     "apply_augment",
+    "augment_bank_table",
     "augment_batch",
     "augment_generator",
     "augment_params",
+    "bank_slots",
     "channel_stats",
     "derive_seed",
     "epoch_order",

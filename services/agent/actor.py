@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import ray
 
-from .backend import AgentBackend, AgentProxy
+from .backend import AgentBackend
 
-AgentActor = ray.remote(AgentBackend)
+# Restarted when it dies; its calls are not retried: a restarted agent has lost its state, which
+# the learner detects (policy version) and repairs by restarting from its newest checkpoint.
+AgentActor = ray.remote(max_restarts=-1, max_task_retries=0)(AgentBackend)
 
 
 def start_agent_actor(embedding_dims: list[int], num_classes: int, **agent_kwargs):
     """Start the agent actor (no CPU reserved: it is idle between updates)."""
     return AgentActor.options(num_cpus=0).remote(embedding_dims, num_classes, **agent_kwargs)
-
-
-def proxy_for(actor, timeout_s: float = 600.0) -> AgentProxy:
-    """An :class:`AgentProxy` whose calls go to ``actor``."""
-    return AgentProxy(lambda verb, *args: ray.get(getattr(actor, verb).remote(*args), timeout=timeout_s))

@@ -1,11 +1,11 @@
 """The agent behind a service boundary: :class:`mtkd.distill.Agent` with tensor-in/tensor-out
-verbs (what the Ray actor and the gRPC server expose), and :class:`AgentProxy`, the learner's
-side, which acts with a local copy of the newest policy and sends experience to the agent."""
+verbs (what the Ray actor and the gRPC server expose). The learner's side of the Ray actor is
+:class:`services.agent.proxy.AgentProxy`."""
 from __future__ import annotations
 
 import torch
 
-from mtkd.distill import Agent, AgentState, PolicyNet, act_with_policy, state_dim
+from mtkd.distill import Agent
 
 
 class AgentBackend:
@@ -21,7 +21,8 @@ class AgentBackend:
         a = self.agent
         return {"num_teachers": len(a.embedding_dims), "state_dim": a.policy.state_dim, "version": a.version,
                 "rule": a.rule, "mixing": a.mixing, "embedding_dims": list(a.embedding_dims),
-                "num_classes": a.num_classes, "concentration": a.concentration}
+                "num_classes": a.num_classes, "concentration": a.concentration, "agent_step": a.agent_step,
+                "buffered": len(a.buffer)}
 
     def act(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``states [B, dim]`` -> ``(wL [B, M], wF [B, M], version)``."""
@@ -47,56 +48,3 @@ class AgentBackend:
     def set_state(self, state: dict) -> int:
         self.agent.load_state_dict(state)
         return self.agent.version
-
-
-class AgentProxy:
-    """The learner's view of a remote agent, with the duck type of :class:`mtkd.distill.Agent`
-    that :class:`mtkd.distill.strategies.ReinforcedWeights` uses.
-
-    Acting is local: the proxy keeps a copy of the policy and replaces it whenever the agent
-    reports a new version. ``observe`` is a synchronous call, so the learner always acts with
-    the newest policy: the same weights, in the same order, as the in-process engine.
-
-    Args:
-        call: ``call(verb, *args)`` runs a verb of the agent backend and returns its result
-            (``ray.get(actor.verb.remote(*args))`` on Ray).
-    """
-
-    def __init__(self, call):
-        self._call = call
-        info = call("describe")
-        self.rule, self.concentration = info["rule"], info["concentration"]
-        self.embedding_dims, self.num_classes = info["embedding_dims"], info["num_classes"]
-        self.policy = PolicyNet(state_dim(self.embedding_dims, self.num_classes), info["num_teachers"],
-                                info["mixing"] == "dynamic")
-        self.version = -1
-        self.last_update: dict = {}
-        self._sync()
-
-    def _sync(self) -> None:
-        version, state = self._call("policy")
-        self.policy.load_state_dict(state)
-        self.version = version
-
-    def act(self, state: AgentState) -> tuple[torch.Tensor, torch.Tensor]:
-        return act_with_policy(self.policy, state, self.rule, self.concentration)
-
-    def observe(self, vector, reward, weight_logit=None, weight_feature=None) -> bool:
-        return self._after(*self._call("observe", vector, reward, weight_logit, weight_feature))
-
-    def end_epoch(self) -> bool:
-        return self._after(*self._call("end_epoch"))
-
-    def _after(self, version: int, updated: bool, diagnostics: dict | None = None) -> bool:
-        if updated:
-            self.last_update = diagnostics or {}
-        if version != self.version:
-            self._sync()
-        return updated
-
-    def state_dict(self) -> dict:
-        return self._call("get_state")
-
-    def load_state_dict(self, state: dict) -> None:
-        self._call("set_state", state)
-        self._sync()

@@ -1,1 +1,2 @@
-"""The student's training loop as a Ray Train worker loop, and its launcher."""
+"""The student's side on Ray: the driver (``driver.py``), the Ray Train worker loop
+(``train_loop.py``), the run events they exchange and the learners' collectives."""

@@ -8,13 +8,42 @@ import numpy as np
 import ray
 import torch
 
+from mtkd.cache import teacher_cache
+from mtkd.models import Outputs
 from mtkd.teachers import load_teacher
 
+# How a tensor travels through the object store: numpy has no bfloat16, so it moves as its bits.
+_WIRE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
-def outputs_to_arrays(outputs, half: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Outputs -> numpy arrays (zero-copy through Ray's object store); float16 when ``half``."""
-    dtype = torch.float16 if half else torch.float32
-    return tuple(t.detach().to(dtype).cpu().numpy() for t in outputs)
+
+def tensor_to_wire(tensor: torch.Tensor, half: bool = False) -> tuple[np.ndarray, str]:
+    """A CPU numpy array (zero-copy through Ray's object store) and the name of the tensor's dtype.
+
+    Float32 moves as float16 when ``half``; bfloat16 and float16 always move as themselves (lossless).
+    """
+    tensor = tensor.detach()
+    if half and tensor.dtype == torch.float32:
+        tensor = tensor.to(torch.float16)
+    tensor = tensor.cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy(), "bfloat16"
+    return tensor.numpy(), _WIRE[tensor.dtype]
+
+
+def tensor_from_wire(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """Inverse of :func:`tensor_to_wire` (a writable copy: object-store arrays are read-only)."""
+    tensor = torch.from_numpy(np.array(array, copy=True))
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
+def outputs_to_wire(outputs: Outputs, fields: tuple[str, ...], half: bool) -> dict:
+    """``{field: (array, dtype)}`` for the requested fields of ``outputs``."""
+    return {f: tensor_to_wire(getattr(outputs, f), half) for f in fields}
+
+
+def outputs_from_wire(wire: dict) -> Outputs:
+    """Inverse of :func:`outputs_to_wire`; fields not sent are None."""
+    return Outputs(*(tensor_from_wire(*wire[f]) if f in wire else None for f in Outputs._fields))
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
@@ -24,34 +53,60 @@ class TeacherActor:
     Args:
         source: ``{"checkpoint": path, "name": ...}`` or ``{"address": "host:port", ...}`` (a teacher
             served by ``mtkd serve-teacher``; ``token``/``root_cert`` optional).
-        device: ``cpu`` or ``cuda`` (use with ``num_gpus`` in the actor options).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (resolved for this actor's device).
+        compile: ``torch.compile`` the model.
+        cache_url: a Redis (``redis://...``) to look outputs up in before computing them, for calls
+            that carry keys; None: no cache.
+        value_dtype: the ``cache.value_dtype`` setting.
 
+    The device is the GPU Ray gave this actor (``num_gpus > 0`` in its options), else the CPU.
     Restarted by Ray when it dies (``max_restarts=-1``); calls in flight are retried on the new
     replica (``max_task_retries=-1``): inference is a pure function of the batch, so a retry is safe.
     """
 
-    def __init__(self, source: dict, device: str = "cpu"):
-        self.device = torch.device(device)
+    def __init__(self, source: dict, precision: str = "fp32", compile: bool = False, cache_url: str | None = None,
+                 value_dtype: str = "auto"):
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
         if source.get("address"):
             from services.teacher_server.grpc_client import RemoteTeacher
 
             self.teacher = RemoteTeacher(source["address"], token=source.get("token"),
                                          root_cert=source.get("root_cert"))
+            self._infer = self.teacher.infer
         else:
-            self.teacher = load_teacher(source["checkpoint"], source.get("name") or None)
-            self.teacher.model.to(self.device)
+            self.teacher = load_teacher(source["checkpoint"], source.get("name") or None, device=device,
+                                        precision=precision, compile=compile)
+            self._infer = self.teacher.infer_raw
+        self.cache = None
+        if cache_url:
+            from services.cache import RedisStore
+
+            self.cache = teacher_cache(RedisStore(cache_url), self.teacher.describe(), value_dtype)
         self.calls = 0
 
     def describe(self) -> dict:
-        """Name, model, classes, input shape, embedding dim, feature shape, weights digest."""
+        """Name, model, classes, input shape, embedding dim, feature shape, weights digest, numerics."""
         return self.teacher.describe()
 
-    def infer(self, images: np.ndarray, half: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``images [B, C, H, W]`` float32 -> ``(logits [B, C], embedding [B, D], feature [B, K, H, W])``."""
+    def infer(self, images: np.ndarray, fields: tuple[str, ...] = Outputs._fields, half: bool = False,
+              keys: list[str] | None = None) -> dict:
+        """``images [B, C, H, W]`` float32 -> ``{field: (array, dtype)}`` of logits ``[B, C]``,
+        embedding ``[B, D]``, feature ``[B, K, H, W]`` (only ``fields``).
+
+        With ``keys`` (one per sample) and a cache, the outputs come from the cache when it holds the
+        whole batch; the reply then also carries ``"cache"``: the lookups and hits of this call.
+        """
         self.calls += 1
-        batch = torch.from_numpy(np.array(images, copy=True)).to(self.device)  # object-store arrays are read-only
-        return outputs_to_arrays(self.teacher.infer(batch), half)
+
+        def compute() -> Outputs:
+            return self._infer(torch.from_numpy(np.array(images, copy=True)))
+
+        if keys is None or self.cache is None:
+            return outputs_to_wire(compute(), fields, half)
+        wire = outputs_to_wire(self.cache.outputs(keys, compute), fields, half)
+        wire["cache"] = self.cache.take_stats()
+        return wire
 
     def stats(self) -> dict:
-        """This incarnation's process id and the calls it served (a restart starts a new one)."""
-        return {"pid": os.getpid(), "calls": self.calls}
+        """This incarnation's process id, node and the calls it served (a restart starts a new one)."""
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "calls": self.calls}

@@ -1,26 +1,26 @@
-"""The teacher pool on Ray: N replicas per teacher, requests round-robin over replicas, a bound on
-requests in flight. It has the verbs of :class:`mtkd.teachers.LocalTeacherPool`
-(``describe``, ``submit``, ``collect``), so the engine cannot tell them apart."""
+"""The teacher pool on Ray: N replicas per teacher placed by their own resources, requests
+round-robin over replicas, a bound on requests in flight. It has the verbs of
+:class:`mtkd.teachers.LocalTeacherPool` (``describe``, ``submit``, ``collect``), so the engine
+cannot tell them apart."""
 from __future__ import annotations
 
 import uuid
 from collections import deque
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import ray
-import torch
 
-from mtkd.config import ExperimentConfig
+from mtkd.cache import cache_metrics
+from mtkd.config import ExperimentConfig, RuntimeConfig, TeacherSpec
 from mtkd.models import Outputs
 
-from .actor import TeacherActor
+from .actor import TeacherActor, outputs_from_wire
 
 DEFAULT_TIMEOUT_S = 600.0
 
 
-def teacher_source(spec) -> dict:
+def teacher_source(spec: TeacherSpec) -> dict:
     """The actor's constructor argument for a :class:`mtkd.config.TeacherSpec`."""
     if bool(spec.checkpoint) == bool(spec.address):
         raise ValueError(f"teacher {spec.name!r}: give exactly one of checkpoint and address")
@@ -33,22 +33,31 @@ def teacher_source(spec) -> dict:
             "root_cert": spec.root_cert}
 
 
-def start_teacher_actors(config: ExperimentConfig, into: list[list], run_id: str | None = None) -> list[list]:
-    """Start ``replicas`` actors per teacher of ``config``, appending each teacher's handles to
-    ``into`` as they start (so that a caller's ``finally`` can stop a partly started pool).
+def replica_resources(spec: TeacherSpec, runtime: RuntimeConfig) -> dict:
+    """Ray actor options of one replica of ``spec``: ``num_cpus``, ``num_gpus``, custom ``resources``."""
+    return {"num_cpus": runtime.teacher_num_cpus if spec.num_cpus is None else spec.num_cpus,
+            "num_gpus": runtime.teacher_num_gpus if spec.num_gpus is None else spec.num_gpus,
+            "resources": dict(spec.resources)}
+
+
+def start_teacher_actors(config: ExperimentConfig, into: list[list], run_id: str | None = None,
+                         cache_url: str | None = None) -> list[list]:
+    """Start ``replicas`` actors per teacher of ``config``, each placed by its own resources, appending
+    each teacher's handles to ``into`` as they start (so that a caller's ``finally`` can stop a partly
+    started pool). With ``cache_url`` they look outputs up in that Redis before computing them.
 
     Actors are named ``mtkd-teacher-<teacher>-<replica>-<run_id>`` (findable with ``ray.get_actor``).
     """
     rt = config.runtime
     run_id = run_id or uuid.uuid4().hex[:8]
-    device = "cuda" if rt.teacher_num_gpus > 0 else "cpu"
-    options = {"num_cpus": rt.teacher_num_cpus, "num_gpus": rt.teacher_num_gpus}
     sources = [teacher_source(spec) for spec in config.teachers]  # every spec checked before any actor starts
     for t, (spec, source) in enumerate(zip(config.teachers, sources)):
         replicas: list = []
         into.append(replicas)
+        options = replica_resources(spec, rt)
         for r in range(max(1, spec.replicas)):
-            replicas.append(TeacherActor.options(name=f"mtkd-teacher-{t}-{r}-{run_id}", **options).remote(source, device))
+            replicas.append(TeacherActor.options(name=f"mtkd-teacher-{t}-{r}-{run_id}", **options).remote(
+                source, rt.teacher_precision, rt.compile_teachers, cache_url, config.cache.value_dtype))
     return into
 
 
@@ -69,14 +78,23 @@ class RayTeacherPool:
 
     Args:
         handles: per teacher, its replica handles (from :func:`start_teacher_actors`).
-        half_precision: move outputs in float16.
+        fields: the outputs the strategy uses (the others are not shipped).
+        half_precision: move float32 outputs in float16.
         max_in_flight: most batches submitted and not collected (the engine's prefetch + 1 fits).
         timeout_s: deadline of one ``collect``.
+        cache: ``(store, context)``: the actors' Redis (for its size) and the
+            :class:`mtkd.cache.CacheContext` the keys sent with each batch are made with.
     """
 
-    def __init__(self, handles: list[list], *, half_precision: bool = False, max_in_flight: int = 4,
-                 timeout_s: float = DEFAULT_TIMEOUT_S):
+    accepts_device_batches = False  # images go to the object store from host memory
+
+    def __init__(self, handles: list[list], *, fields: tuple[str, ...] = Outputs._fields,
+                 half_precision: bool = False, max_in_flight: int = 4, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 cache: tuple | None = None):
         self.handles = handles
+        self.cache = cache
+        self._cache_stats: list[dict] = []
+        self.fields = tuple(fields)
         self.half_precision = half_precision
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
@@ -90,24 +108,34 @@ class RayTeacherPool:
                                          timeout=self.timeout_s)
         return self._descriptions
 
-    def submit(self, batch_index: int, images: torch.Tensor) -> _Ticket:
-        """Ask every teacher for batch ``batch_index``; the images go to the object store once."""
+    def submit(self, batch) -> _Ticket:
+        """Ask every teacher for ``batch`` (a :class:`mtkd.data.Batch` in host memory); the images go
+        to the object store once."""
         if len(self._in_flight) >= self.max_in_flight:
             raise RuntimeError(f"more than {self.max_in_flight} batches in flight; collect before submitting")
-        images_ref = ray.put(images.detach().cpu().numpy())
+        images_ref = ray.put(batch.images.detach().cpu().numpy())
         refs = []
-        for teacher, replicas in enumerate(self.handles):
+        for teacher, (replicas, description) in enumerate(zip(self.handles, self.describe())):
             replica = replicas[self._next_replica[teacher] % len(replicas)]
             self._next_replica[teacher] += 1
-            refs.append(replica.infer.remote(images_ref, self.half_precision))
-        self._in_flight.append(batch_index)
-        return _Ticket(batch_index, refs)
+            keys = self.cache[1].keys(description, batch) if self.cache is not None else None
+            refs.append(replica.infer.remote(images_ref, self.fields, self.half_precision, keys))
+        self._in_flight.append(batch.index)
+        return _Ticket(batch.index, refs)
 
     def collect(self, ticket: _Ticket) -> list[Outputs]:
-        """The teachers' outputs of a submitted batch, as float32 tensors."""
-        arrays = ray.get(ticket.refs, timeout=self.timeout_s)
+        """The teachers' outputs of a submitted batch, on the CPU in the dtype they travelled in."""
+        wires = ray.get(ticket.refs, timeout=self.timeout_s)
         self._in_flight.remove(ticket.batch_index)
-        return [Outputs(*(torch.from_numpy(np.array(a, dtype=np.float32, copy=True)) for a in out)) for out in arrays]
+        self._cache_stats += [wire.pop("cache") for wire in wires if "cache" in wire]
+        return [outputs_from_wire(wire) for wire in wires]
+
+    def take_stats(self) -> dict[str, float]:
+        """The cache's metrics since the last call (``cache/hit_rate``, ``cache/bytes``...); {} without one."""
+        if self.cache is None:
+            return {}
+        stats, self._cache_stats = self._cache_stats, []
+        return cache_metrics(stats, self.cache[0].used_bytes())
 
     def close(self) -> None:
         self._in_flight.clear()

@@ -1,10 +1,10 @@
-"""The real agent behind gRPC and behind a Ray-style proxy gives the in-process agent's numbers."""
+"""The real agent behind gRPC gives the in-process agent's numbers (the Ray proxy: test_agent_proxy.py)."""
 from __future__ import annotations
 
 import torch
 
 from mtkd.distill import Agent, agent_state
-from services.agent.backend import AgentBackend, AgentProxy
+from services.agent.backend import AgentBackend
 from services.agent.grpc_server import RemoteAgent, serve, stop
 
 DIMS, CLASSES, BATCH = [8, 16], 5, 12
@@ -44,20 +44,3 @@ def test_grpc_agent_learns_exactly_like_the_in_process_agent():
                 assert torch.equal(policy[name], tensor), name
     finally:
         stop(server, grace=None)
-
-
-def test_proxy_acts_with_the_newest_policy():
-    backend = AgentBackend(DIMS, CLASSES, agent_step=2, seed=1, mixing="dynamic")
-    proxy = AgentProxy(lambda verb, *args: getattr(backend, verb)(*args))
-    reference = Agent(DIMS, CLASSES, agent_step=2, seed=1, mixing="dynamic")
-    for state, reward in batches(5, seed=3):
-        for a, b in zip(proxy.act(state), reference.act(state)):
-            assert torch.equal(a, b)
-        assert proxy.observe(state.vector, reward) == reference.observe(state.vector, reward)
-        assert proxy.version == reference.version
-    assert proxy.last_update == reference.last_update
-    other = AgentBackend(DIMS, CLASSES, seed=9, mixing="dynamic")
-    restored = AgentProxy(lambda verb, *args: getattr(other, verb)(*args))
-    restored.load_state_dict(proxy.state_dict())
-    state, _ = next(batches(1, seed=8))
-    assert all(torch.equal(a, b) for a, b in zip(restored.act(state), proxy.act(state)))

@@ -1,0 +1,92 @@
+"""Devices and numeric precision: which device a run uses, whether it runs bf16 natively, and the
+autocast context of a precision.
+
+Precisions are named ``fp32`` (exact), ``bf16`` and ``fp16``. Reduced precision means
+``torch.autocast`` on the device plus the channels_last memory format, which is what makes
+convolutions fast on CPUs with AMX-BF16 and on tensor-core GPUs. Losses are always computed in fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class DeviceError(ValueError):
+    """A device was asked for that this machine does not have."""
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` -> ``cuda`` when CUDA is available, else ``cpu``; ``cuda[:N]`` is checked to exist.
+
+    Raises:
+        DeviceError: CUDA asked for but not available, or ``cuda:N`` beyond the visible GPUs.
+    """
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {name!r} asked for, but CUDA is not available here (torch "
+                              f"{torch.__version__}); use device 'cpu' or 'auto'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+@functools.lru_cache(maxsize=None)
+def runs_natively(device_type: str, precision: str) -> bool:
+    """Whether ``precision`` has native fast kernels on this machine's ``device_type``.
+
+    CPU bf16 needs AMX or AVX512-BF16 (oneDNN says), CPU fp16 AVX512-FP16 or AMX-FP16; CUDA bf16 needs
+    compute capability 8.0+, CUDA fp16 any GPU. fp32 is always native.
+    """
+    if precision == "fp32":
+        return True
+    if device_type == "cuda":
+        return precision == "fp16" or torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        check = torch.ops.mkldnn._is_mkldnn_bf16_supported if precision == "bf16" else \
+            torch.ops.mkldnn._is_mkldnn_fp16_supported
+        return bool(torch.backends.mkldnn.is_available() and check())
+    return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where it runs natively on ``device``, else ``fp32``; an explicit precision
+    that is emulated on this device is kept, with a warning (it is then slower, not faster)."""
+    if name == "auto":
+        return "bf16" if runs_natively(device.type, "bf16") else "fp32"
+    if name not in DTYPES:
+        raise ValueError(f"unknown precision {name!r} (valid: auto, {', '.join(DTYPES)})")
+    if not runs_natively(device.type, name):
+        warnings.warn(f"precision {name} has no native kernels on this {device.type}; it will be emulated "
+                      f"(slower than fp32)", stacklevel=2)
+    return name
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for a reduced ``precision`` on ``device``; a no-op context for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def memory_format(precision: str) -> torch.memory_format:
+    """channels_last for reduced precision (the fast layout of oneDNN and tensor cores), else contiguous
+    (fp32 stays the exact mode, identical to the reference code's layout)."""
+    return torch.contiguous_format if precision == "fp32" else torch.channels_last
+
+
+def numerics_tag(device: torch.device, precision: str) -> str:
+    """How outputs are computed: device kind (the GPU's name on CUDA), precision and torch version,
+    e.g. ``cpu-bf16-torch2.13.0``. Outputs cached under one tag are not reused under another, since
+    other kernels give other last bits."""
+    kind = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else device.type
+    return f"{kind}-{precision}-torch{torch.__version__}"

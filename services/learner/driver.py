@@ -1,0 +1,335 @@
+"""``mtkd distill`` on Ray, the driver: join (or start) Ray, start the teacher actors and the agent
+actor, then run the learners with a Ray Train ``TorchTrainer``.
+
+The driver is thin and shares no disk with the learners. Checkpoints live in Ray Train's
+``storage_path`` (a local folder or any URI pyarrow supports); the run folder on the driver's disk
+is written from what the learners send (:mod:`services.learner.events`) and from the final
+checkpoint, which the driver downloads. ``--resume`` reuses the Ray Train run's name, so Ray Train
+hands its newest checkpoint to the learners; worker failures restart them from it by themselves
+(``runtime.max_failures``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import ray
+from ray.exceptions import GetTimeoutError
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.util.queue import Queue
+
+from mtkd.checkpoint import META_FILE, CheckpointError, read_json, write_json
+from mtkd.cli import USER_ERRORS
+from mtkd.config import ExperimentConfig, save_config, to_dict
+from mtkd.distill import STRATEGIES
+from mtkd.engine import NonFiniteLossError, agent_kwargs, check_agent_buffer, check_pool
+from mtkd.experiment import RunDirectory, load_checkpoint, load_data
+from mtkd.models import MODELS
+from mtkd.runner import KEEP_CHECKPOINTS, check_resumable, finish, plot_title, prepare_run_dir
+from services.agent.actor import start_agent_actor
+from services.cache import open_store
+from services.learner.events import EventWriter
+from services.teacher_server.pool import replica_resources, start_teacher_actors, stop_actors, teacher_source
+
+# Ray Train polls its workers every 2 s by default; a short run would spend most of its time waiting.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+RAY_RUN_FILE = "ray_run.json"
+PLACEMENT_NOTE_AFTER_S = 30.0
+PLACEMENT_TIMEOUT_S = 600.0
+log = logging.getLogger(__name__)
+
+
+class RayUnavailableError(ValueError):
+    """Ray could not be started or joined, or the run's actors cannot be placed on its cluster."""
+
+
+# ------------------------------------------------------------------------------- joining Ray
+def cluster_address(config: ExperimentConfig) -> str | None:
+    """The cluster to join: ``runtime.address``, else ``RAY_ADDRESS`` (set inside ``ray job submit``),
+    else a cluster started with ``ray start`` on this machine; None: start a private one.
+    ``runtime.address: local`` always starts a private one."""
+    if config.runtime.address:
+        return None if config.runtime.address == "local" else config.runtime.address
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:  # the cluster `ray start` recorded, if its GCS is alive (a crashed one leaves a stale record)
+        from ray._private.services import find_bootstrap_address, find_gcs_addresses
+
+        recorded = find_bootstrap_address(None)
+        return recorded if recorded and recorded in find_gcs_addresses() else None
+    except Exception:  # noqa: BLE001 - a private API; without it, only explicit addresses are joined
+        return None
+
+
+def ensure_ray(config: ExperimentConfig) -> bool:
+    """Join the cluster of :func:`cluster_address` or start a private local Ray; True if started here.
+
+    A private Ray advertises at least the logical CPUs the run's actors ask for: teachers and the
+    learner take turns (the learner waits on the teachers' outputs), so they can share cores.
+
+    Raises:
+        RayUnavailableError: Ray cannot be joined or started (one line naming the cause).
+    """
+    if ray.is_initialized():
+        return False
+    address = cluster_address(config)
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING, logging_config=ray.LoggingConfig(log_level="ERROR"))
+            return False
+        num_cpus = max(float(os.cpu_count() or 1), logical_cpus_needed(config))
+        # Without the dashboard, Ray Train's placement-group cleaner cannot reach the state API and
+        # warns every second; worker-side Ray logs are kept to errors.
+        ray.init(address="local", num_cpus=math.ceil(num_cpus), include_dashboard=False,
+                 logging_level=logging.WARNING, logging_config=ray.LoggingConfig(log_level="ERROR"))
+        return True
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
+        where = f"the Ray cluster at {address!r}" if address else "a private local Ray"
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RayUnavailableError(f"could not start or join {where}: {first_line}") from error
+
+
+# ------------------------------------------------------------------------------- placement
+def teacher_replicas(config: ExperimentConfig) -> int:
+    """Teacher actors the run starts (at least one per teacher)."""
+    return sum(max(1, t.replicas) for t in config.teachers)
+
+
+def learner_demand(config: ExperimentConfig, use_gpu: bool) -> dict[str, float]:
+    """Ray resources of one learner worker."""
+    demand = {"CPU": config.runtime.learner_num_cpus, **config.runtime.learner_resources}
+    if use_gpu:
+        demand["GPU"] = 1.0
+    return demand
+
+
+def demands(config: ExperimentConfig, use_gpu: bool) -> list[tuple[str, dict[str, float]]]:
+    """``(who, resources)`` of every actor the run places: each teacher replica and each learner."""
+    out = []
+    for spec in config.teachers:
+        options = replica_resources(spec, config.runtime)
+        need = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options["resources"]}
+        out += [(f"teacher {spec.name or spec.checkpoint or spec.address!r}", need)] * max(1, spec.replicas)
+    return out + [("learner", learner_demand(config, use_gpu))] * config.runtime.num_learners
+
+
+def logical_cpus_needed(config: ExperimentConfig) -> float:
+    """CPUs the run's actors ask Ray for: learners plus teacher replicas."""
+    return sum(need.get("CPU", 0.0) for _, need in demands(config, use_gpu=False))
+
+
+def learners_use_gpu(config: ExperimentConfig) -> bool:
+    """``runtime.device`` on Ray: cpu -> no; cuda -> yes; auto -> when the cluster has a GPU per learner."""
+    if config.runtime.device == "cpu":
+        return False
+    if config.runtime.device.startswith("cuda"):
+        return True
+    return float(ray.cluster_resources().get("GPU", 0.0)) >= config.runtime.num_learners
+
+
+def placement_problems(config: ExperimentConfig, use_gpu: bool) -> list[str]:
+    """What cannot be placed on the cluster as it is now: totals, and demands no single node can hold."""
+    totals = {k: float(v) for k, v in ray.cluster_resources().items()}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    wanted: dict[str, float] = {}
+    problems = []
+    for who, need in demands(config, use_gpu):
+        for name, amount in need.items():
+            wanted[name] = wanted.get(name, 0.0) + amount
+        if not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in need.items() if v > 0) for node in nodes):
+            shown = ", ".join(f"{k}: {v:g}" for k, v in need.items() if v > 0)
+            problems.append(f"no node of the Ray cluster can hold a {who} ({shown})")
+    for name, amount in wanted.items():
+        if amount > totals.get(name, 0.0) + 1e-9:
+            problems.append(f"the run's actors ask for {amount:g} {name} in all but the Ray cluster has "
+                            f"{totals.get(name, 0.0):g}" + _hint(name))
+    return list(dict.fromkeys(problems))
+
+
+def _hint(resource: str) -> str:
+    if resource == "CPU":
+        return "; lower runtime.teacher_num_cpus or runtime.learner_num_cpus, or add nodes"
+    if resource == "GPU":
+        return "; set runtime.teacher_num_gpus=0 (teachers) or runtime.device=cpu (learners), or add GPU nodes"
+    return f"; start nodes with --resources='{{\"{resource}\": N}}' or drop it from the config"
+
+
+def check_resources(config: ExperimentConfig, use_gpu: bool, private: bool) -> None:
+    """Refuse (private Ray) or warn about (a cluster, which may autoscale) actors that cannot be placed."""
+    problems = placement_problems(config, use_gpu)
+    if problems and private:
+        raise RayUnavailableError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    for message in problems:
+        print(f"[mtkd] warning: {message}; waiting for the cluster to grow", file=sys.stderr)
+
+
+def describe_teachers(handles: list[list]) -> list[dict]:
+    """The teachers' descriptions, once their first replicas are placed and loaded."""
+    refs = [replicas[0].describe.remote() for replicas in handles]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PLACEMENT_NOTE_AFTER_S)
+    if len(ready) < len(refs):
+        print(f"[mtkd] waiting for {len(refs) - len(ready)} teacher actor(s) to be placed and loaded "
+              f"(up to {PLACEMENT_TIMEOUT_S:.0f} s)", file=sys.stderr, flush=True)
+    try:
+        return ray.get(refs, timeout=PLACEMENT_TIMEOUT_S)
+    except GetTimeoutError as error:
+        raise RayUnavailableError(f"the teacher actors were not placed within {PLACEMENT_TIMEOUT_S:.0f} s; "
+                                  f"check that the cluster has the resources they ask for") from error
+
+
+# ------------------------------------------------------------------------------- checks
+def preflight(config: ExperimentConfig, descriptions: list[dict], train_set, storage: Path | str, name: str,
+              resume: bool) -> None:
+    """Driver-side checks before a learner starts: names, the pool against the dataset, the agent's
+    buffer, and on resume the pool and student against the run's newest checkpoint."""
+    MODELS.get(config.student)
+    STRATEGIES.get(config.distill.strategy)
+    check_pool(descriptions, train_set.num_classes, train_set.image_shape)
+    check_agent_buffer(config, descriptions, train_set.num_classes, len(train_set) // config.data.batch_size)
+    if resume:
+        with latest_checkpoint(storage, name).as_directory() as folder:
+            check_resumable(read_json(Path(folder) / META_FILE), descriptions, config.student)
+
+
+def latest_checkpoint(storage: Path | str, name: str):
+    """The newest checkpoint of Ray Train run ``name`` in ``storage``."""
+    try:
+        checkpoint = Result.from_path(f"{storage}/{name}").checkpoint
+    except Exception as error:  # noqa: BLE001 - Ray raises several kinds for a missing run
+        raise CheckpointError(f"no Ray Train run {name!r} to resume in {str(storage)!r}: {error}") from error
+    if checkpoint is None:
+        raise CheckpointError(f"the Ray Train run {name!r} in {str(storage)!r} has no checkpoint to resume from")
+    return checkpoint
+
+
+def train_run_name(run: RunDirectory, storage: str, resume: bool) -> str:
+    """The Ray Train run's name: the recorded one on resume (so Ray Train restores its checkpoints),
+    else a fresh one (so it never reloads an earlier launch's)."""
+    record = run.path / RAY_RUN_FILE
+    if resume:
+        if not record.is_file():
+            raise CheckpointError(f"{str(run.path)!r} has no {RAY_RUN_FILE}: it was not run on Ray, resume it with "
+                                  f"--runtime inprocess")
+        return read_json(record)["name"]
+    name = f"learner-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    write_json(record, {"name": name, "storage_path": storage})
+    return name
+
+
+def raise_run_error(error: dict) -> None:
+    """Re-raise the library error a learner returned (same class, so the same exit code)."""
+    classes = {cls.__name__: cls for cls in (NonFiniteLossError, *USER_ERRORS)}
+    cls = classes.get(error["type"], RuntimeError)
+    raise cls(error["message"])
+
+
+def worker_error(error: BaseException) -> BaseException:
+    """The library error a worker raised (a bad checkpoint...), else Ray's own error."""
+    for rank in sorted(getattr(error, "worker_failures", {}) or {}):
+        failure = error.worker_failures[rank]
+        cause = getattr(failure, "cause", None) or failure
+        if isinstance(cause, USER_ERRORS):
+            return cause
+    return error
+
+
+# ------------------------------------------------------------------------------- the run
+def run_ray(config: ExperimentConfig, resume: bool = False, stop_after_epoch: int | None = None,
+            progress: bool = True, overwrite: bool = False) -> dict:
+    """Distill on Ray. Returns the same summary as :func:`mtkd.runner.run_inprocess`."""
+    config.output_dir = str(Path(config.output_dir).resolve())
+    for spec in config.teachers:
+        teacher_source(spec)  # a malformed spec fails before any actor starts
+    run = RunDirectory(config.output_dir)
+    prepare_run_dir(run, resume, overwrite)
+    storage = config.runtime.storage_path or str(run.path / "ray")
+    name = train_run_name(run, storage, resume)
+    save_config(config, run.path / "config.yaml")
+    private = cluster_address(config) is None  # no autoscaler to wait for: refuse what cannot be placed
+    with open_store(config.cache.url, config.cache.max_memory_mb) as store:
+        started = ensure_ray(config)
+        if store is not None and config.cache.url == "local" and not private:
+            print("[mtkd] warning: cache.url=local serves on this node's loopback only; teachers on other nodes "
+                  "compute without it (point cache.url at a shared Redis)", file=sys.stderr)
+        return _run(config, run, storage, name, resume, stop_after_epoch, progress, private, started,
+                    store.url if store is not None else None)
+
+
+def _run(config: ExperimentConfig, run: RunDirectory, storage: str, name: str, resume: bool,
+         stop_after_epoch: int | None, progress: bool, private: bool, started: bool, cache_url: str | None) -> dict:
+    teacher_handles: list[list] = []
+    agent = events = None
+    try:
+        use_gpu = learners_use_gpu(config)
+        check_resources(config, use_gpu, private)
+        start_teacher_actors(config, into=teacher_handles, cache_url=cache_url)
+        descriptions = describe_teachers(teacher_handles)
+        train_set, _ = load_data(config.data, config.seed)
+        preflight(config, descriptions, train_set, storage, name, resume)
+        if STRATEGIES.get(config.distill.strategy).needs_agent:
+            agent = start_agent_actor([int(d["embedding_dim"]) for d in descriptions], _num_classes(descriptions),
+                                      **agent_kwargs(config))
+        events = Queue(actor_options={"num_cpus": 0})
+        trainer = TorchTrainer(
+            train_loop_per_worker=_train_loop,
+            train_loop_config={"experiment": to_dict(config), "teacher_handles": teacher_handles, "agent": agent,
+                               "events": events, "cache_url": cache_url, "stop_after_epoch": stop_after_epoch},
+            scaling_config=ScalingConfig(num_workers=config.runtime.num_learners, use_gpu=use_gpu,
+                                         resources_per_worker=learner_demand(config, use_gpu)),
+            run_config=RunConfig(name=name, storage_path=storage,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+                                 failure_config=FailureConfig(max_failures=config.runtime.max_failures)),
+        )
+        with EventWriter(events, run, config.optim.epochs, plot_title(config), progress) as writer:
+            try:
+                result = trainer.fit()
+            except Exception as error:  # TrainingFailedError after the allowed restarts
+                raise worker_error(error) from error
+        if result.return_value and "error" in result.return_value:
+            raise_run_error(result.return_value["error"])
+        return summarise(config, run, result, train_set, descriptions, writer.history)
+    finally:
+        stop_actors(teacher_handles)
+        for actor in (agent, getattr(events, "actor", None)):
+            if actor is not None:
+                ray.kill(actor)
+        if started:
+            ray.shutdown()
+
+
+def summarise(config: ExperimentConfig, run: RunDirectory, result, train_set, descriptions: list[dict],
+              history: list[dict]) -> dict:
+    """Download the final checkpoint into the run folder, export the student, return the summary."""
+    if result.checkpoint is None:
+        raise CheckpointError("the learners reported no checkpoint")
+    epoch = int(result.metrics["epoch"])
+    folder = run.checkpoint_dir(epoch)
+    result.checkpoint.to_directory(str(folder))
+    run.prune(KEEP_CHECKPOINTS)
+    state, _ = load_checkpoint(folder)
+    summary = finish(config, run, train_set, descriptions, history, state["module"], epoch)
+    return {**summary, "runtime": "ray", "ray_run": str(result.path), "history": history}
+
+
+def _num_classes(descriptions: list[dict]) -> int:
+    classes = {int(d["num_classes"]) for d in descriptions}
+    if len(classes) != 1:
+        raise ValueError(f"teachers disagree on the class count: {sorted(classes)}")
+    return classes.pop()
+
+
+def _train_loop(loop_config: dict) -> dict:
+    # Imported in the worker so that the driver does not need the learner's imports at pickling time.
+    from services.learner.train_loop import train_loop_per_worker
+
+    return train_loop_per_worker(loop_config)
+
+
+__all__ = ["RayUnavailableError", "check_resources", "cluster_address", "ensure_ray", "logical_cpus_needed",
+           "preflight", "run_ray", "worker_error"]
