@@ -12,10 +12,12 @@ from typing import Callable
 
 from mtkd.checkpoint import CheckpointError
 from mtkd.config import ConfigError, ExperimentConfig, TeacherTrainConfig, load_config
+from mtkd.distill.agent import AgentUpdateError
 from mtkd.engine import NonFiniteLossError, PoolMismatchError
 from mtkd.registry import UnknownNameError
 
-USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, PoolMismatchError, UnknownNameError,
+NUMERIC_ERRORS = (NonFiniteLossError, AgentUpdateError)  # the run's numbers went wrong: exit 3
+USER_ERRORS = (ConfigError, CheckpointError, *NUMERIC_ERRORS, PoolMismatchError, UnknownNameError,
                FileNotFoundError, FileExistsError, ValueError)
 
 
@@ -90,11 +92,12 @@ def build_parser(distill: Callable[[argparse.Namespace], dict] = cmd_distill_inp
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    """Parse, run, print the JSON summary; user errors print one line and exit 2 (NaN loss: 3)."""
+    """Parse, run, print the JSON summary; user errors print one line and exit 2 (a NaN loss or a
+    failed agent update: 3)."""
     args = parser.parse_args(argv)
     try:
         summary = args.func(args)
-    except NonFiniteLossError as exc:
+    except NUMERIC_ERRORS as exc:
         print(f"mtkd: error: {exc} (the last good checkpoint is kept)", file=sys.stderr)
         return 3
     except USER_ERRORS as exc:

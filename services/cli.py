@@ -25,24 +25,90 @@ def cmd_distill(args: argparse.Namespace) -> dict:
     if args.address:
         args.overrides = [*args.overrides, f"runtime.address={args.address}"]
     config = core.load_experiment(args)
-    if config.runtime.runtime == "inprocess":
-        from mtkd.runner import run_inprocess as run
-    elif config.runtime.runtime == "ray":
-        from services.learner.launcher import run_ray as run
+    options = dict(resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch, progress=not args.quiet,
+                   overwrite=args.overwrite)
+    if config.runtime.runtime == "ray":
+        from services.learner.driver import run_ray
+
+        summary = run_ray(config, **options)
     else:
-        raise ConfigError(f"unknown runtime {config.runtime.runtime!r} (valid: ray, inprocess)")
-    summary = run(config, resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch,
-                  progress=not args.quiet, overwrite=args.overwrite)
+        from mtkd.runner import run_inprocess
+        from services.cache import open_store
+
+        with open_store(config.cache.url, config.cache.max_memory_mb) as store:
+            summary = run_inprocess(config, store=store, **options)
     summary.pop("history", None)
     return summary
 
 
+MAX_MESSAGE_MB = 2047  # gRPC sizes are signed 32-bit: 2047 MiB is the largest whole MiB below 2**31
+
+
 def _token(args: argparse.Namespace) -> str | None:
-    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("MTKD_TOKEN")
+    """The bearer token of ``--token-file`` (else ``$MTKD_TOKEN``, else None); refuses an empty one."""
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as err:
+            raise ConfigError(f"--token-file {args.token_file}: cannot read it ({err.strerror or err})") from err
+    else:
+        token = os.environ.get("MTKD_TOKEN")
     if token is not None and not token:
         raise ConfigError(f"the token {'in ' + args.token_file if args.token_file else 'in $MTKD_TOKEN'} is empty; "
                           f"an empty token would disable authentication")
     return token
+
+
+def _check_server_args(args: argparse.Namespace) -> None:
+    """Refuse nonsense before anything is loaded or bound: port range, message size, concurrency,
+    the TLS pair, plaintext on a non-loopback address without ``--insecure``, a taken port.
+
+    Raises:
+        ConfigError: One line naming the flag, what it got and what it expects.
+    """
+    from services.grpc_common import BindError, check_port_free, check_tls_pair, is_loopback
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is out of range; expected 0..65535 (0: any free port)")
+    if not 1 <= args.max_message_mb <= MAX_MESSAGE_MB:
+        raise ConfigError(f"--max-message-mb {args.max_message_mb} is out of range; expected 1..{MAX_MESSAGE_MB} "
+                          f"(gRPC message sizes are 32-bit)")
+    if args.max_concurrent_rpcs < 1:
+        raise ConfigError(f"--max-concurrent-rpcs {args.max_concurrent_rpcs}; expected >= 1")
+    if args.max_batch is not None and args.max_batch < 1:
+        raise ConfigError(f"--max-batch {args.max_batch}; expected >= 1")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError(f"TLS needs both --tls-cert and --tls-key; got only {'--tls-cert' if args.tls_cert else '--tls-key'}")
+    if args.tls_cert:
+        try:
+            check_tls_pair(args.tls_cert, args.tls_key)
+        except ValueError as err:
+            raise ConfigError(f"--tls-cert/--tls-key: {err}") from err
+    if not args.tls_cert and not args.insecure and not is_loopback(args.host):
+        raise ConfigError(f"refusing to serve plaintext on --host {args.host}, which is not a loopback address: "
+                          f"anyone on the network could read the traffic{' and the token' if _token(args) else ''}. "
+                          f"Give --tls-cert and --tls-key (and a token), or --insecure to serve plaintext anyway")
+    try:
+        check_port_free(args.host, args.port)
+    except BindError as err:
+        raise ConfigError(f"--host {args.host} --port {args.port}: {err}") from err
+
+
+def _server_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``serve`` that every serve-* command shares."""
+    return dict(host=args.host, port=args.port, token=_token(args), tls_cert=args.tls_cert, tls_key=args.tls_key,
+                max_message_bytes=args.max_message_mb << 20, max_concurrent_rpcs=args.max_concurrent_rpcs,
+                insecure=args.insecure)
+
+
+def _start(serve, backend, args: argparse.Namespace, **options):
+    """``serve(backend, ...)``; a bind failure (e.g. a port taken since the check) becomes one-line ConfigError."""
+    from services.grpc_common import BindError
+
+    try:
+        return serve(backend, **_server_options(args), **options)
+    except BindError as err:
+        raise ConfigError(f"--host {args.host} --port {args.port}: {err}") from err
 
 
 def _serve_until_signal(server, stop, what: str, port: int, args: argparse.Namespace) -> dict:
@@ -59,11 +125,15 @@ def _serve_until_signal(server, stop, what: str, port: int, args: argparse.Names
 
 def cmd_serve_teacher(args: argparse.Namespace) -> dict:
     from mtkd.teachers import load_teacher
-    from services.teacher_server.grpc_server import serve, stop
+    from services.teacher_server.grpc_server import check_max_batch, serve, stop
 
+    _check_server_args(args)
     teacher = load_teacher(args.checkpoint, args.name)
-    server, port = serve(teacher, host=args.host, port=args.port, token=_token(args), tls_cert=args.tls_cert,
-                         tls_key=args.tls_key, max_message_bytes=args.max_message_mb << 20, max_batch=args.max_batch)
+    try:
+        check_max_batch(args.max_batch, tuple(teacher.describe()["input_shape"]), args.max_message_mb << 20)
+    except ValueError as err:
+        raise ConfigError(f"--max-batch {args.max_batch} with --max-message-mb {args.max_message_mb}: {err}") from err
+    server, port = _start(serve, teacher, args, max_batch=args.max_batch)
     return _serve_until_signal(server, stop, f"teacher {teacher.name!r}", port, args)
 
 
@@ -71,16 +141,21 @@ def cmd_serve_agent(args: argparse.Namespace) -> dict:
     from mtkd.engine import agent_kwargs
     from mtkd.runner import load_local_pool
     from services.agent.backend import AgentBackend
-    from services.agent.grpc_server import serve, stop
+    from services.agent.grpc_server import check_max_batch, serve, stop
 
+    _check_server_args(args)
     config = core.load_experiment(args)
     descriptions = load_local_pool(config).describe()
     if not descriptions:
         raise ConfigError("serve-agent needs the teacher pool (teachers=[...]) to size the agent's state")
     backend = AgentBackend([d["embedding_dim"] for d in descriptions], int(descriptions[0]["num_classes"]),
                            **agent_kwargs(config))
-    server, port = serve(backend, host=args.host, port=args.port, token=_token(args), tls_cert=args.tls_cert,
-                         tls_key=args.tls_key, max_message_bytes=args.max_message_mb << 20)
+    info = backend.describe()
+    try:
+        check_max_batch(args.max_batch, info["state_dim"], info["num_teachers"], args.max_message_mb << 20)
+    except ValueError as err:
+        raise ConfigError(f"--max-batch {args.max_batch} with --max-message-mb {args.max_message_mb}: {err}") from err
+    server, port = _start(serve, backend, args, max_batch=args.max_batch)
     return _serve_until_signal(server, stop, f"the agent ({config.agent.rule}, {config.agent.mixing})", port, args)
 
 
@@ -90,14 +165,23 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     return run_demo(args.config, args.overrides, runtime=args.runtime or "ray")
 
 
-def _add_server_args(p: argparse.ArgumentParser, default_port: int) -> None:
+def _add_server_args(p: argparse.ArgumentParser, default_port: int, default_max_batch: int) -> None:
+    from services.grpc_common import DEFAULT_MAX_CONCURRENT_RPCS
+
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=default_port, help="TCP port (0: any free port)")
+    p.add_argument("--port", type=int, default=default_port, help="TCP port, 0..65535 (0: any free port)")
     p.add_argument("--port-file", help="write the bound port to this file")
     p.add_argument("--token-file", help="require this bearer token (default: $MTKD_TOKEN, or none)")
     p.add_argument("--tls-cert", help="PEM certificate chain (enables TLS with --tls-key)")
-    p.add_argument("--tls-key", help="PEM private key")
-    p.add_argument("--max-message-mb", type=int, default=16, help="largest gRPC message, MiB")
+    p.add_argument("--tls-key", help="PEM private key (unencrypted) matching --tls-cert")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plaintext (no TLS) on a --host that is not loopback (refused otherwise)")
+    p.add_argument("--max-message-mb", type=int, default=16, help=f"largest gRPC message, MiB, 1..{MAX_MESSAGE_MB}")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help=f"largest accepted batch (default: {default_max_batch}, or fewer if such a batch would not "
+                        "fit one message)")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=DEFAULT_MAX_CONCURRENT_RPCS,
+                   help="calls accepted at once; more get RESOURCE_EXHAUSTED (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,18 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     distill = sub.choices["distill"]
     distill.add_argument("--runtime", choices=["ray", "inprocess"], help="override runtime.runtime")
-    distill.add_argument("--address", help="Ray cluster address (default: a private local Ray)")
+    distill.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, the cluster of the ray job "
+                                           "this runs in, or one started with `ray start` here; else a private "
+                                           "local Ray; 'local' forces a private one)")
 
     p = sub.add_parser("serve-teacher", help="serve one teacher checkpoint over gRPC")
     p.add_argument("checkpoint", help="teacher checkpoint folder")
     p.add_argument("--name", help="teacher name (default: its model name)")
-    p.add_argument("--max-batch", type=int, default=256, help="largest accepted batch")
-    _add_server_args(p, 50051)
+    _add_server_args(p, 50051, 256)
     p.set_defaults(func=cmd_serve_teacher)
 
     p = sub.add_parser("serve-agent", help="serve the MTKD-RL agent over gRPC")
     core.add_config_args(p)
-    _add_server_args(p, 50052)
+    _add_server_args(p, 50052, 4096)
     p.set_defaults(func=cmd_serve_agent, resume=None)
 
     p = sub.add_parser("demo", help="train (or reuse) teachers, distill with ce/aver/mtkd_rl, print a table")

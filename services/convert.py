@@ -7,7 +7,8 @@ unpickled; policies travel as safetensors.
 
 Every check failure raises :class:`InvalidMessage` (or its subclass
 :class:`InvalidTensor`) with a message that says what was wrong, what was received
-and what was expected; servers answer those with ``INVALID_ARGUMENT``.
+and what was expected; servers answer those with ``INVALID_ARGUMENT``. Encoding a
+value beyond float16's range as float16 raises :class:`HalfPrecisionOverflow`.
 """
 from __future__ import annotations
 
@@ -26,15 +27,19 @@ from services._generated.mtkd.v1 import agent_pb2, teacher_pb2, tensor_pb2
 __all__ = [
     "AGENT_INFO_KEYS",
     "OUTPUT_FIELDS",
+    "PIXEL_MAX",
     "TEACHER_INFO_KEYS",
+    "HalfPrecisionOverflow",
     "InvalidMessage",
     "InvalidTensor",
     "agent_info_from_proto",
     "agent_info_to_proto",
+    "decode_field",
     "fields_from_proto",
     "fields_to_proto",
     "iter_response_chunks",
     "join_response_chunks",
+    "non_finite_outputs",
     "outputs_to_response",
     "policy_from_proto",
     "policy_to_proto",
@@ -51,6 +56,8 @@ Dim = Union[int, range, None]
 OUTPUT_FIELDS: tuple[str, ...] = Outputs._fields  # ("logits", "embedding", "feature")
 TEACHER_INFO_KEYS = ("name", "num_classes", "input_shape", "embedding_dim", "feature_shape", "digest")
 AGENT_INFO_KEYS = ("num_teachers", "state_dim", "version", "rule", "mixing")
+PIXEL_MAX = 255.0
+"""Largest raw pixel value (8-bit images): ``Preprocessing.pixel_max``."""
 
 _D = tensor_pb2.DType
 # wire dtype -> (torch dtype, numpy dtype of the raw little-endian bytes)
@@ -89,6 +96,10 @@ class InvalidTensor(InvalidMessage):
     """A ``Tensor`` message is malformed, of a wrong dtype or shape, or too large."""
 
 
+class HalfPrecisionOverflow(ValueError):
+    """Finite values beyond float16's range (65504) cannot be sent as float16."""
+
+
 def _count_non_finite(wire_array: np.ndarray, dtype: torch.dtype) -> int:
     """NaNs and infinities in an array holding ``dtype`` values in their wire layout."""
     unsigned, mask = _EXPONENT_BITS[dtype]
@@ -107,7 +118,7 @@ def _dtype_labels(dtypes: Iterable[torch.dtype]) -> str:
 # ---------------------------------------------------------------------------
 # Tensors
 # ---------------------------------------------------------------------------
-def tensor_to_proto(t: torch.Tensor, *, half: bool = False) -> tensor_pb2.Tensor:
+def tensor_to_proto(t: torch.Tensor, *, half: bool = False, name: str = "a tensor") -> tensor_pb2.Tensor:
     """Encode a tensor as a ``Tensor`` message (little-endian, C order).
 
     Args:
@@ -115,14 +126,16 @@ def tensor_to_proto(t: torch.Tensor, *, half: bool = False) -> tensor_pb2.Tensor
             any device (it is copied to the CPU).
         half: Send floating-point tensors as float16 (half the bytes). Integer
             tensors are unaffected.
+        name: What the tensor is, for error messages.
 
     Returns:
         The ``mtkd.v1.Tensor`` message.
 
     Raises:
-        ValueError: The dtype has no wire encoding, or ``half`` would turn finite
-            values into infinities (magnitudes above float16's 65504). (Encoding
-            local data is not a malformed message, hence not :class:`InvalidTensor`.)
+        ValueError: The dtype has no wire encoding.
+        HalfPrecisionOverflow: ``half`` would turn finite values into infinities
+            (magnitudes above float16's 65504). (Encoding local data is not a
+            malformed message, hence not :class:`InvalidTensor`.)
     """
     source = t.detach()
     to_half = half and source.is_floating_point() and source.dtype != torch.float16
@@ -135,8 +148,8 @@ def tensor_to_proto(t: torch.Tensor, *, half: bool = False) -> tensor_pb2.Tensor
     array = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
     array = array.numpy().astype(_WIRE_DTYPES[wire][1], copy=False)
     if to_half and _count_non_finite(array, torch.float16) and torch.isfinite(source).all():
-        raise ValueError(
-            f"cannot send a tensor as float16: its largest magnitude is "
+        raise HalfPrecisionOverflow(
+            f"cannot send {name} as float16: its largest magnitude is "
             f"{source.abs().max().item():.4g}, expected at most 65504"
         )
     data = array.tobytes()
@@ -243,6 +256,25 @@ def proto_to_tensor(
     return tensor.view(torch.bfloat16) if torch_dtype == torch.bfloat16 else tensor
 
 
+def decode_field(parent: Any, field: str, *, expected: str, **spec: Any) -> torch.Tensor:
+    """Decode the required ``Tensor`` field ``field`` of message ``parent``.
+
+    Args:
+        parent: A request message, e.g. an ``InferRequest``.
+        field: Name of its ``Tensor`` field, e.g. ``"images"``; also the name in errors.
+        expected: What the field should hold, for the error when it is missing, e.g.
+            ``"a [B, 1, 28, 28] Tensor"``.
+        **spec: The keyword arguments of :func:`proto_to_tensor` (``name`` excepted).
+
+    Raises:
+        InvalidMessage: The field is unset (``images missing; expected ...``).
+        InvalidTensor: See :func:`proto_to_tensor`.
+    """
+    if not parent.HasField(field):
+        raise InvalidMessage(f"{field} missing; expected {expected}")
+    return proto_to_tensor(getattr(parent, field), name=field, **spec)
+
+
 # ---------------------------------------------------------------------------
 # Teacher: descriptions, requested fields, Outputs <-> InferResponse
 # ---------------------------------------------------------------------------
@@ -252,14 +284,36 @@ def _require_keys(what: str, info: Mapping[str, Any], keys: Sequence[str]) -> No
         raise ValueError(f"{what} lacks keys {missing}; got keys {sorted(info)}, expected {list(keys)}")
 
 
+def _preprocessing_to_proto(info: Mapping[str, Any]) -> teacher_pb2.Preprocessing | None:
+    """``Preprocessing`` from ``describe()``'s ``mean``/``std`` (C values each), or None if either is missing.
+
+    Raises:
+        ValueError: mean/std not one finite value per input channel, or a std <= 0.
+    """
+    mean, std = info.get("mean"), info.get("std")
+    if mean is None or std is None:
+        return None
+    channels = int(info["input_shape"][0])
+    mean, std = [float(m) for m in mean], [float(s) for s in std]
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"teacher describe() has {len(mean)} means and {len(std)} stds; "
+                         f"expected one per input channel ({channels})")
+    if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+        raise ValueError(f"teacher describe() has mean {mean} and std {std}; expected finite values, std > 0")
+    return teacher_pb2.Preprocessing(mean=mean, std=std, pixel_min=0.0, pixel_max=PIXEL_MAX)
+
+
 def teacher_info_to_proto(info: Mapping[str, Any], *, max_batch: int) -> teacher_pb2.TeacherInfo:
     """Build ``TeacherInfo`` from a teacher backend's ``describe()`` dict.
 
-    The optional key ``model`` (the zoo architecture, as ``mtkd.teachers.Teacher``
-    reports it) is carried too.
+    The optional keys ``model`` (the zoo architecture, as ``mtkd.teachers.Teacher``
+    reports it), ``numerics`` (e.g. ``"cpu-fp32"``) and ``mean``/``std`` (the input
+    normalisation, per channel in ``[0, 1]`` pixel scale; ``preprocessing`` is left
+    unset unless both are given) are carried too.
 
     Raises:
-        ValueError: ``info`` lacks one of :data:`TEACHER_INFO_KEYS`.
+        ValueError: ``info`` lacks one of :data:`TEACHER_INFO_KEYS`, or its mean/std
+            are not one finite value per input channel (std > 0).
     """
     _require_keys("teacher describe()", info, TEACHER_INFO_KEYS)
     return teacher_pb2.TeacherInfo(
@@ -271,11 +325,15 @@ def teacher_info_to_proto(info: Mapping[str, Any], *, max_batch: int) -> teacher
         weights_digest=str(info["digest"]),
         max_batch=max_batch,
         model=str(info.get("model", "")),
+        preprocessing=_preprocessing_to_proto(info),
+        numerics=str(info.get("numerics") or ""),
     )
 
 
 def teacher_info_from_proto(msg: teacher_pb2.TeacherInfo) -> dict[str, Any]:
-    """The ``describe()`` dict of a teacher backend (``model`` "" if unknown), plus ``max_batch``."""
+    """The ``describe()`` dict of a teacher backend (``model`` and ``numerics`` "" if unknown;
+    ``mean`` and ``std`` tuples, None if the server knows no preprocessing), plus ``max_batch``."""
+    known = msg.HasField("preprocessing")
     return {
         "name": msg.name,
         "model": msg.model,
@@ -284,6 +342,9 @@ def teacher_info_from_proto(msg: teacher_pb2.TeacherInfo) -> dict[str, Any]:
         "embedding_dim": msg.embedding_dim,
         "feature_shape": tuple(msg.feature_shape),
         "digest": msg.weights_digest,
+        "mean": tuple(msg.preprocessing.mean) if known else None,
+        "std": tuple(msg.preprocessing.std) if known else None,
+        "numerics": msg.numerics,
         "max_batch": msg.max_batch,
     }
 
@@ -336,14 +397,30 @@ def outputs_to_response(
         request_id: Echoed to the client.
 
     Raises:
+        HalfPrecisionOverflow: ``half`` and an output beyond float16's range (the
+            message names the output).
         ValueError: An output cannot be encoded (see :func:`tensor_to_proto`).
     """
     response = teacher_pb2.InferResponse(
         batch_offset=0, batch_size=outputs.logits.shape[0], request_id=request_id
     )
     for field in fields:
-        getattr(response, field).CopyFrom(tensor_to_proto(getattr(outputs, field), half=half))
+        getattr(response, field).CopyFrom(tensor_to_proto(getattr(outputs, field), half=half, name=field))
     return response
+
+
+def non_finite_outputs(response: teacher_pb2.InferResponse) -> dict[str, int]:
+    """Per output present in ``response``, how many of its values are NaN or infinite (0s omitted)."""
+    counts = {}
+    for field in OUTPUT_FIELDS:
+        if response.HasField(field):
+            t = getattr(response, field)
+            torch_dtype, np_dtype = _WIRE_DTYPES[t.dtype]
+            if torch_dtype in _EXPONENT_BITS:
+                bad = _count_non_finite(np.frombuffer(t.data, dtype=np_dtype), torch_dtype)
+                if bad:
+                    counts[field] = bad
+    return counts
 
 
 def iter_response_chunks(
@@ -460,8 +537,10 @@ def response_to_outputs(
 # ---------------------------------------------------------------------------
 # Agent: descriptions and policies
 # ---------------------------------------------------------------------------
-def agent_info_to_proto(info: Mapping[str, Any], *, max_batch: int) -> agent_pb2.AgentInfo:
-    """Build ``AgentInfo`` from an agent backend's ``describe()`` dict.
+def agent_info_to_proto(
+    info: Mapping[str, Any], *, max_batch: int, max_abs_state: float = 0.0, max_abs_reward: float = 0.0
+) -> agent_pb2.AgentInfo:
+    """Build ``AgentInfo`` from an agent backend's ``describe()`` dict and the server's limits.
 
     Raises:
         ValueError: ``info`` lacks one of :data:`AGENT_INFO_KEYS`.
@@ -474,11 +553,14 @@ def agent_info_to_proto(info: Mapping[str, Any], *, max_batch: int) -> agent_pb2
         rule=str(info["rule"]),
         mixing=str(info["mixing"]),
         max_batch=max_batch,
+        max_abs_state=max_abs_state,
+        max_abs_reward=max_abs_reward,
     )
 
 
 def agent_info_from_proto(msg: agent_pb2.AgentInfo) -> dict[str, Any]:
-    """The ``describe()`` dict of an agent backend, plus the server's ``max_batch``."""
+    """The ``describe()`` dict of an agent backend, plus the server's ``max_batch``,
+    ``max_abs_state`` and ``max_abs_reward``."""
     return {
         "num_teachers": msg.num_teachers,
         "state_dim": msg.state_dim,
@@ -486,6 +568,8 @@ def agent_info_from_proto(msg: agent_pb2.AgentInfo) -> dict[str, Any]:
         "rule": msg.rule,
         "mixing": msg.mixing,
         "max_batch": msg.max_batch,
+        "max_abs_state": msg.max_abs_state,
+        "max_abs_reward": msg.max_abs_reward,
     }
 
 

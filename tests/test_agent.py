@@ -8,12 +8,14 @@ float64 autograd of those formulas, and the step is ``w <- w - 0.1 * grad`` (no 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from mtkd.distill import Agent, AgentState
+from mtkd.distill.agent import MAX_ABS_STATE, AgentUpdateError, InvalidExperience
 
 DIMS, C, B = [3, 5], 4, 6
 STATE_DIM = sum(d + C + 3 for d in DIMS)
@@ -311,3 +313,112 @@ def test_reinforce_raises_the_log_probability_of_a_high_advantage_action():
     advantage = raw - raw.mean()
     # the advantage-weighted log-likelihood (the objective being ascended) went up
     assert (advantage.double() * after).sum() > (advantage.double() * before).sum()
+
+
+# ----------------------------------------------------------------------------- validation and recovery
+
+
+def _acted(agent: Agent, vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    return agent.act(_state(vector))
+
+
+def _with(t: torch.Tensor, index, value) -> torch.Tensor:
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+def _bad_batches(agent: Agent) -> dict:
+    """(vector, reward, weight_logit, weight_feature) and the expected message, per way of being wrong."""
+    vector, raw = _vector(1), _raw_reward(2)
+    w_logit, w_feature = _acted(agent, vector)
+    off_simplex = w_logit * 2
+    return {
+        "state of 3e38": ((_with(vector, (0, 0), 3e38), raw, w_logit, w_feature),
+                          "states has values up to 3e+38 in magnitude; expected |x| <= 1e+06"),
+        "state just over the bound": ((_with(vector, (2, 5), -1.01 * MAX_ABS_STATE), raw, w_logit, w_feature),
+                                      "expected |x| <= 1e+06"),
+        "NaN state": ((_with(vector, (1, 1), float("nan")), raw, w_logit, w_feature), "states has 1 non-finite"),
+        "wrong state width": ((vector[:, :-1], raw, w_logit, w_feature), f"expected [B >= 1, {STATE_DIM}]"),
+        "float64 states": ((vector.double(), raw, w_logit, w_feature), "expected torch.float32 on cpu"),
+        "integer reward": ((vector, raw.long(), w_logit, w_feature), "expected a 1-d float32 or float64 tensor"),
+        "float16 reward": ((vector, raw.half(), w_logit, w_feature), "reward is a 1-d torch.float16 tensor"),
+        "reward length": ((vector, raw[:-1], w_logit, w_feature), f"expected [{B}] (one per state)"),
+        "infinite reward": ((vector, _with(raw, 0, float("inf")), w_logit, w_feature), "reward has 1 non-finite"),
+        "huge reward": ((vector, _with(raw, 0, 1e20), w_logit, w_feature), "expected |x| <= 1e+09"),
+        "weights off the simplex": ((vector, raw, off_simplex, w_feature), "weight_logit has a row whose sum differs"),
+        "negative weight": ((vector, raw, w_logit, _with(w_feature, (0, 0), -0.5)), "smallest entry of -0.5"),
+        "weights of the wrong shape": ((vector, raw, w_logit[:, :1], w_feature), f"expected [{B}, {M}]"),
+        "NaN weight": ((vector, raw, _with(w_logit, (0, 1), float("nan")), w_feature), "weight_logit has 1 non-finite"),
+    }
+
+
+@pytest.mark.parametrize("rule", ["reference", "reinforce"])
+def test_observe_rejects_a_bad_batch_and_leaves_the_buffer_as_it_was(rule):
+    agent = Agent(DIMS, C, rule=rule, agent_step=100, seed=0)
+    vector = _vector(5)
+    w_logit, w_feature = _acted(agent, vector)
+    agent.observe(vector, _raw_reward(6), w_logit, w_feature)  # one good stored batch
+    stored = list(agent.buffer)
+    for case, (args, message) in _bad_batches(agent).items():
+        with pytest.raises(InvalidExperience, match=re.escape(message)):
+            agent.observe(*args)
+        assert agent.buffer == stored and all(a is b for a, b in zip(agent.buffer, stored)), case
+    assert agent.end_epoch() is True and agent.version == 1  # what was stored still trains
+
+
+def test_the_buffer_holds_copies_of_the_acted_weights():
+    agent = Agent(DIMS, C, rule="reinforce", agent_step=100, seed=0)
+    vector = _vector(1)
+    w_logit, w_feature = _acted(agent, vector)
+    agent.observe(vector, _raw_reward(2), w_logit, w_feature)
+    stored = agent.buffer[0].weight_logit.clone()
+    w_logit.mul_(5)  # off the simplex now, but only the caller's tensor
+    assert torch.equal(agent.buffer[0].weight_logit, stored)
+    assert agent.end_epoch() is True
+
+
+def test_the_reinforce_rule_refuses_missing_or_zero_weights():
+    agent = Agent(DIMS, C, rule="reinforce", agent_step=100, seed=0)
+    vector, raw = _vector(1), _raw_reward(2)
+    w_logit, w_feature = _acted(agent, vector)
+    with pytest.raises(InvalidExperience, match="the reinforce rule needs the weights that were acted; "
+                                                "weight_feature missing"):
+        agent.observe(vector, raw, w_logit, None)
+    zero = torch.zeros_like(w_logit)
+    zero[:, 0] = 1.0  # on the simplex, but log(0) is -inf under the Dirichlet
+    with pytest.raises(InvalidExperience, match=r"expected every entry > 0"):
+        agent.observe(vector, raw, zero, w_feature)
+    assert agent.buffer == []
+    Agent(DIMS, C, rule="reference", agent_step=100).observe(vector, raw, zero, zero)  # fine when unused
+
+
+def test_values_at_the_bounds_are_accepted_and_train_finite():
+    """The largest accepted states and rewards keep both rules' updates finite."""
+    for rule in ("reference", "reinforce"):
+        agent = Agent(DIMS, C, rule=rule, agent_step=100, seed=1)
+        for seed in range(3):
+            vector = MAX_ABS_STATE * torch.sign(_vector(seed))
+            raw = torch.tensor([-1e9, 1e9, -5e8, 0.0, 1e9, -1e9])
+            w_logit, w_feature = _acted(agent, vector)
+            agent.observe(vector, raw, w_logit, w_feature)
+            assert agent.end_epoch() is True
+        assert all(torch.isfinite(p).all() for p in agent.policy.parameters()), rule
+
+
+def test_an_update_that_goes_non_finite_is_rolled_back_and_the_agent_stays_usable():
+    agent = Agent(DIMS, C, agent_step=2, seed=3)
+    initial = _params64(agent)
+    batches = [(_vector(s), _raw_reward(50 + s)) for s in range(3)]
+    agent.optimizer.param_groups[0]["lr"] = math.inf  # any step now makes the parameters non-finite
+    agent.observe(*batches[0])
+    with pytest.raises(AgentUpdateError, match=r"stored batch 0 made policy parameter 'stem.weight' non-finite\); "
+                                               r"the policy was restored to version 0 and the 2 stored batches"):
+        agent.observe(*batches[1])
+    _assert_params_close(agent, initial, atol=0)  # restored exactly
+    assert agent.version == 0 and agent.buffer == [] and agent.end_epoch() is False
+    agent.optimizer.param_groups[0]["lr"] = 0.1
+    agent.observe(*batches[2])
+    assert agent.end_epoch() is True and agent.version == 1
+    _assert_params_close(agent, _replay_reference(initial, batches[2:], dynamic=False))

@@ -28,7 +28,7 @@ from mtkd.checkpoint import META_FILE, CheckpointError, read_json, write_json
 from mtkd.cli import USER_ERRORS
 from mtkd.config import ExperimentConfig, save_config, to_dict
 from mtkd.distill import STRATEGIES
-from mtkd.engine import NonFiniteLossError, agent_kwargs, check_agent_buffer, check_pool
+from mtkd.engine import agent_kwargs, check_agent_buffer, check_pool
 from mtkd.experiment import RunDirectory, load_checkpoint, load_data
 from mtkd.models import MODELS
 from mtkd.runner import KEEP_CHECKPOINTS, check_resumable, finish, plot_title, prepare_run_dir
@@ -224,7 +224,7 @@ def train_run_name(run: RunDirectory, storage: str, resume: bool) -> str:
 
 def raise_run_error(error: dict) -> None:
     """Re-raise the library error a learner returned (same class, so the same exit code)."""
-    classes = {cls.__name__: cls for cls in (NonFiniteLossError, *USER_ERRORS)}
+    classes = {cls.__name__: cls for cls in USER_ERRORS}
     cls = classes.get(error["type"], RuntimeError)
     raise cls(error["message"])
 

@@ -121,6 +121,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 if len(set(digests)) != 1:
                     raise LearnersDiverged(f"learner parameters differ after epoch {metrics['epoch']}: {digests}")
             metrics["learner/world_size"] = world_size
+            metrics["learner/node_id"] = ray.get_runtime_context().get_node_id()
             if rank != 0:
                 ray.train.report(metrics)
                 return

@@ -85,7 +85,10 @@ class RemoteTeacher:
         """Teacher outputs for a batch.
 
         Args:
-            images: ``[B, C, H, W]`` float images, 1 <= B <= ``describe()["max_batch"]``.
+            images: ``[B, C, H, W]``, 1 <= B <= ``describe()["max_batch"]``: uint8 raw
+                pixels (the server normalises them; a quarter of float32's bytes; refused
+                with FAILED_PRECONDITION when ``describe()["mean"]`` is None), or float
+                images already normalised with ``describe()``'s ``mean``/``std``.
             fields: Outputs wanted (names of ``Outputs`` fields); None: all. The
                 others are None in the result.
 

@@ -1,14 +1,21 @@
-"""TeacherService over real gRPC on loopback: round trips, streaming, validation, security, health."""
+"""TeacherService over real gRPC on loopback: round trips, streaming, validation, security, health;
+real checkpoints: self-describing inputs (uint8), checked outputs, the concurrency bound."""
 from __future__ import annotations
 
 import datetime
+import gzip
 import hashlib
 import ipaddress
+import json
+import logging
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,7 +23,7 @@ from torch import nn
 
 from mtkd.models.outputs import Outputs
 from services._generated.mtkd.v1 import teacher_pb2, teacher_pb2_grpc, tensor_pb2
-from services.convert import tensor_to_proto
+from services.convert import TEACHER_INFO_KEYS, tensor_to_proto
 from services.teacher_server.grpc_client import RemoteTeacher
 from services.teacher_server.grpc_server import SERVICE_NAME, serve, stop
 
@@ -125,7 +132,9 @@ def test_remote_stands_in_for_the_library_teacher():
     srv, port = serve(local)
     try:
         with RemoteTeacher(f"127.0.0.1:{port}") as remote:
-            assert {k: v for k, v in remote.describe().items() if k != "max_batch"} == local.describe()
+            carried = {k: v for k, v in remote.describe().items() if k != "max_batch"}
+            assert set(carried) >= {*TEACHER_INFO_KEYS, "model", "mean", "std", "numerics"}
+            assert carried == {k: local.describe()[k] for k in carried}
             assert teachers.teacher_manifest([remote.describe()]) == teachers.teacher_manifest([local.describe()])
             assert_outputs_equal(remote.infer(images(4)), local.infer(images(4)))
     finally:
@@ -229,7 +238,7 @@ def _nan_images() -> tensor_pb2.Tensor:
 
 MALFORMED = {
     "int64 dtype": (lambda: tensor_to_proto(torch.zeros(2, 1, 28, 28, dtype=torch.int64)),
-                    "images has dtype INT64, not allowed here; expected one of FLOAT16, FLOAT32"),
+                    "images has dtype INT64, not allowed here; expected one of FLOAT16, FLOAT32, UINT8"),
     "unknown dtype": (lambda: _with(dtype=42), "images has unknown dtype 42"),
     "unspecified dtype": (lambda: tensor_pb2.Tensor(), "images has unknown dtype UNSPECIFIED"),
     "bytes not matching shape": (lambda: _with(data=_good().data[:-4]),
@@ -374,3 +383,245 @@ def test_tls_with_token(backend, tmp_path):
 def test_tls_needs_cert_and_key(backend, tmp_path):
     with pytest.raises(ValueError, match="both tls_cert and tls_key"):
         serve(backend, tls_cert=tmp_path / "cert.pem")
+
+
+# ---------------------------------------------------------------------------
+# A real checkpoint behind the server: self-describing inputs, checked outputs
+# ---------------------------------------------------------------------------
+
+FASHION_TEST = Path("/usr/share/datasets/fashion-mnist")
+REAL_MAX_BATCH = 128
+
+
+@pytest.fixture(scope="module")
+def real_teacher(teacher_dirs):
+    from mtkd.teachers import load_teacher
+
+    return load_teacher(teacher_dirs[0])
+
+
+@pytest.fixture(scope="module")
+def real_server(real_teacher):
+    srv, port = serve(real_teacher, max_batch=REAL_MAX_BATCH)
+    yield f"127.0.0.1:{port}"
+    stop(srv, grace=None)
+
+
+@pytest.fixture(scope="module")
+def real_stub(real_server):
+    with grpc.insecure_channel(real_server) as channel:
+        yield teacher_pb2_grpc.TeacherServiceStub(channel)
+
+
+def fashion_test_pixels(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """What a stranger would do: read the IDX files with gzip + numpy. ``[N, 1, 28, 28]`` uint8, ``[N]`` labels."""
+    with gzip.open(FASHION_TEST / "t10k-images-idx3-ubyte.gz") as f:
+        pixels = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)
+    with gzip.open(FASHION_TEST / "t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8)
+    return pixels[:count], labels[:count]
+
+
+def stranger_logits(address: str, pixels: np.ndarray, *, send_floats: bool = False) -> np.ndarray:
+    """A client written from proto/ alone: the generated stubs and numpy, nothing from services.convert.
+
+    It asks Describe how inputs are preprocessed, then sends raw uint8 pixels (or, with
+    ``send_floats``, float32 images it normalises itself as Describe says), in batches of
+    at most ``max_batch``, and decodes the float32 logits. Returns ``[N, num_classes]``.
+    """
+    with grpc.insecure_channel(address) as channel:
+        stub = teacher_pb2_grpc.TeacherServiceStub(channel)
+        info = stub.Describe(teacher_pb2.DescribeTeacherRequest(), timeout=30)
+        assert list(info.input_shape) == list(pixels.shape[1:])
+        pre = info.preprocessing
+        mean = np.array(pre.mean, dtype=np.float64).reshape(1, -1, 1, 1)
+        std = np.array(pre.std, dtype=np.float64).reshape(1, -1, 1, 1)
+        chunks = []
+        for start in range(0, len(pixels), info.max_batch):
+            batch = np.ascontiguousarray(pixels[start:start + info.max_batch])
+            if send_floats:
+                unit = (batch.astype(np.float64) - pre.pixel_min) / (pre.pixel_max - pre.pixel_min)
+                x = ((unit - mean) / std).astype("<f4")
+                images = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=x.shape, data=x.tobytes())
+            else:
+                images = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UINT8, shape=batch.shape, data=batch.tobytes())
+            reply = stub.Infer(teacher_pb2.InferRequest(images=images, fields=[teacher_pb2.OUTPUT_FIELD_LOGITS]),
+                               timeout=60)
+            assert reply.logits.dtype == tensor_pb2.DTYPE_FLOAT32 and reply.batch_size == len(batch)
+            chunks.append(np.frombuffer(reply.logits.data, dtype="<f4").reshape(list(reply.logits.shape)))
+    return np.concatenate(chunks)
+
+
+def in_process_logits(teacher, pixels: np.ndarray) -> np.ndarray:
+    """The in-process teacher on the images as the training loader normalises them, fp32."""
+    from mtkd.data import normalize
+
+    info = teacher.describe()
+    images = normalize(torch.from_numpy(pixels.copy()), info["mean"], info["std"])
+    return torch.cat([teacher.infer(images[i:i + 256]).logits for i in range(0, len(images), 256)]).numpy()
+
+
+def assert_serves_correctly(stub, teacher, batch: int = 4) -> None:
+    """The server answers a good (uint8) request with the in-process teacher's outputs."""
+    pixels, _ = fashion_test_pixels(batch)
+    images = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UINT8, shape=pixels.shape, data=pixels.tobytes())
+    reply = stub.Infer(teacher_pb2.InferRequest(images=images), timeout=30)
+    got = np.frombuffer(reply.logits.data, dtype="<f4").reshape(batch, -1)
+    assert np.abs(got - in_process_logits(teacher, pixels)).max() <= 1e-4
+
+
+def _rejected(call, message: str, code=grpc.StatusCode.INVALID_ARGUMENT) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    assert err.value.code() == code, err.value.details()
+    assert message in err.value.details()
+
+
+def _no_traceback_logged(caplog) -> None:
+    bad = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not bad, [r.getMessage() for r in bad]
+
+
+def test_describe_reports_the_checkpoint_preprocessing(real_stub, real_teacher, teacher_dirs):
+    info = real_stub.Describe(teacher_pb2.DescribeTeacherRequest())
+    dataset = json.loads((Path(teacher_dirs[0]) / "meta.json").read_text())["dataset"]
+    assert info.HasField("preprocessing")
+    assert list(info.preprocessing.mean) == dataset["mean"] and list(info.preprocessing.std) == dataset["std"]
+    assert (info.preprocessing.pixel_min, info.preprocessing.pixel_max) == (0.0, 255.0)
+    assert info.numerics == real_teacher.describe()["numerics"] and info.max_batch == REAL_MAX_BATCH
+
+
+@pytest.mark.skipif(not (FASHION_TEST / "t10k-images-idx3-ubyte.gz").exists(), reason="Fashion-MNIST not installed")
+def test_a_proto_only_client_classifies_raw_fashion_mnist_like_the_in_process_teacher(real_server, teacher_dirs):
+    from mtkd.data import load_dataset
+    from mtkd.teachers import load_teacher
+
+    pixels, labels = fashion_test_pixels(1000)
+    assert np.array_equal(pixels, load_dataset("fashion_mnist", None, "test").images[:1000].numpy())
+    want = in_process_logits(load_teacher(teacher_dirs[0]), pixels)
+    got_uint8 = stranger_logits(real_server, pixels)
+    got_float = stranger_logits(real_server, pixels, send_floats=True)
+    assert np.abs(got_uint8 - want).max() <= 1e-4  # the server normalises as the training loader does
+    assert np.abs(got_float - want).max() <= 1e-4  # the float path, normalised as Describe says
+    accuracy = (got_uint8.argmax(1) == labels).mean()
+    assert accuracy == (want.argmax(1) == labels).mean() and accuracy > 0.15  # trained, if briefly
+
+
+def test_uint8_images_are_a_quarter_of_the_bytes(real_teacher, real_stub):
+    pixels, _ = fashion_test_pixels(8)
+    as_uint8 = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UINT8, shape=pixels.shape, data=pixels.tobytes())
+    as_float = tensor_to_proto(torch.from_numpy(pixels.astype(np.float32)))
+    assert len(as_uint8.data) * 4 == len(as_float.data)
+    assert_serves_correctly(real_stub, real_teacher, batch=8)
+
+
+def test_uint8_without_a_recorded_normalisation_is_failed_precondition(teacher_dirs, tmp_path, caplog):
+    from mtkd.teachers import load_teacher
+
+    folder = tmp_path / "no-stats"
+    shutil.copytree(teacher_dirs[0], folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["dataset"]["mean"], meta["dataset"]["std"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    teacher = load_teacher(folder)
+    srv, port = serve(teacher)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = teacher_pb2_grpc.TeacherServiceStub(channel)
+            assert not stub.Describe(teacher_pb2.DescribeTeacherRequest()).HasField("preprocessing")
+            pixels, _ = fashion_test_pixels(2)
+            raw = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UINT8, shape=pixels.shape, data=pixels.tobytes())
+            with caplog.at_level(logging.DEBUG):
+                _rejected(lambda: stub.Infer(request(raw)), "checkpoint records no input normalisation",
+                          grpc.StatusCode.FAILED_PRECONDITION)
+            _no_traceback_logged(caplog)
+            x = images(2)  # floats still work
+            reply = stub.Infer(request(tensor_to_proto(x)))
+            got = np.frombuffer(reply.logits.data, dtype="<f4").reshape(2, -1)
+            assert np.array_equal(got, teacher.infer(x).logits.numpy())
+        with RemoteTeacher(f"127.0.0.1:{port}") as remote:
+            assert remote.describe()["mean"] is None and remote.describe()["std"] is None
+    finally:
+        stop(srv, grace=None)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["Infer", "InferStream"])
+def test_non_finite_outputs_are_never_ok(real_teacher, real_stub, stream, caplog):
+    call = (lambda r: list(real_stub.InferStream(r))) if stream else real_stub.Infer
+    huge = tensor_to_proto(torch.full((2, 1, 28, 28), 3e38))  # finite pixels, NaN logits
+    with caplog.at_level(logging.DEBUG):
+        _rejected(lambda: call(request(huge)), "the teacher's outputs for these images are not finite (logits: 20 NaN")
+        assert_serves_correctly(real_stub, real_teacher)
+        _rejected(lambda: call(request(huge, half_precision=True)), "are not finite")
+    _no_traceback_logged(caplog)
+    assert_serves_correctly(real_stub, real_teacher)
+
+
+def test_float16_overflow_on_half_precision_is_invalid_argument_without_traceback(real_teacher, real_stub, caplog):
+    from mtkd.data import normalize
+
+    pixels, _ = fashion_test_pixels(4)
+    large = normalize(torch.from_numpy(pixels.copy()), (0.286,), (0.353,)) * 1e4  # outputs ~1e5: finite in fp32
+    with caplog.at_level(logging.DEBUG):
+        _rejected(lambda: real_stub.Infer(request(tensor_to_proto(large), half_precision=True)),
+                  "half_precision: cannot send logits as float16: its largest magnitude is")
+    _no_traceback_logged(caplog)
+    reply = real_stub.Infer(request(tensor_to_proto(large)))  # the same images in float32 are fine
+    assert np.isfinite(np.frombuffer(reply.feature.data, dtype="<f4")).all()
+    assert_serves_correctly(real_stub, real_teacher)
+
+
+def test_negative_chunk_budget_and_missing_images_are_invalid_argument(real_teacher, real_stub, caplog):
+    good = tensor_to_proto(images(2))
+    with caplog.at_level(logging.DEBUG):
+        _rejected(lambda: real_stub.Infer(request(good, max_chunk_bytes=-5)), "max_chunk_bytes is -5; expected >= 0")
+        assert_serves_correctly(real_stub, real_teacher)
+        for call in (real_stub.Infer, lambda r: list(real_stub.InferStream(r))):
+            _rejected(lambda: call(teacher_pb2.InferRequest()),
+                      "images missing; expected a [B, 1, 28, 28] Tensor (1 <= B <= 128) of DTYPE_UINT8 pixels")
+            assert_serves_correctly(real_stub, real_teacher)
+    _no_traceback_logged(caplog)
+
+
+class GatedTeacher:
+    """A real teacher whose ``infer`` waits until the test opens the gate."""
+
+    def __init__(self, teacher):
+        self.teacher, self.gate, self.entered = teacher, threading.Event(), threading.Semaphore(0)
+
+    def describe(self) -> dict:
+        return self.teacher.describe()
+
+    def infer(self, images: torch.Tensor) -> Outputs:
+        self.entered.release()
+        assert self.gate.wait(30)
+        return self.teacher.infer(images)
+
+
+def test_calls_beyond_the_concurrency_bound_get_resource_exhausted(real_teacher):
+    gated = GatedTeacher(real_teacher)
+    srv, port = serve(gated, max_concurrent_rpcs=2, max_workers=4)
+    pixels, _ = fashion_test_pixels(2)
+    raw = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UINT8, shape=pixels.shape, data=pixels.tobytes())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = teacher_pb2_grpc.TeacherServiceStub(channel)
+            first = stub.Infer.future(request(raw), timeout=30)
+            assert gated.entered.acquire(timeout=10)  # the first call holds the backend
+            # Two more: one takes the second slot (and waits), the other is over the bound.
+            others = [stub.Infer.future(request(raw), timeout=30) for _ in range(2)]
+            deadline = time.time() + 10
+            while not any(f.done() for f in others) and time.time() < deadline:
+                time.sleep(0.01)
+            rejected = [f for f in others if f.done()]
+            assert len(rejected) == 1 and rejected[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "Concurrent RPC limit exceeded" in rejected[0].details()
+            gated.gate.set()
+            want = in_process_logits(real_teacher, pixels)
+            for future in (first, *(f for f in others if f is not rejected[0])):
+                got = np.frombuffer(future.result().logits.data, dtype="<f4").reshape(2, -1)
+                assert np.abs(got - want).max() <= 1e-4
+            assert_serves_correctly(stub, real_teacher, batch=2)
+    finally:
+        gated.gate.set()
+        stop(srv, grace=None)

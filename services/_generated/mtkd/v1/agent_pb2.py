@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services._generated.mtkd.v1 import tensor_pb2 as mtkd_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mtkd/v1/agent.proto\x12\x07mtkd.v1\x1a\x14mtkd/v1/tensor.proto\"\x16\n\x14\x44\x65scribeAgentRequest\"}\n\tAgentInfo\x12\x14\n\x0cnum_teachers\x18\x01 \x01(\x03\x12\x11\n\tstate_dim\x18\x02 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\x12\x0c\n\x04rule\x18\x04 \x01(\t\x12\x0e\n\x06mixing\x18\x05 \x01(\t\x12\x11\n\tmax_batch\x18\x06 \x01(\x03\"-\n\nActRequest\x12\x1f\n\x06states\x18\x01 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\"u\n\x0b\x41\x63tResponse\x12%\n\x0cweight_logit\x18\x01 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12\'\n\x0eweight_feature\x18\x02 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\"\xa2\x01\n\x0eObserveRequest\x12\x1f\n\x06states\x18\x01 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12\x1f\n\x06reward\x18\x02 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12%\n\x0cweight_logit\x18\x03 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12\'\n\x0eweight_feature\x18\x04 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\":\n\x0fObserveResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x0f\n\x07updated\x18\x02 \x01(\x08\"\x11\n\x0f\x45ndEpochRequest\"\x12\n\x10GetPolicyRequest\".\n\x06Policy\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x13\n\x0bsafetensors\x18\x02 \x01(\x0c\x32\xb6\x02\n\x0c\x41gentService\x12=\n\x08\x44\x65scribe\x12\x1d.mtkd.v1.DescribeAgentRequest\x1a\x12.mtkd.v1.AgentInfo\x12\x30\n\x03\x41\x63t\x12\x13.mtkd.v1.ActRequest\x1a\x14.mtkd.v1.ActResponse\x12<\n\x07Observe\x12\x17.mtkd.v1.ObserveRequest\x1a\x18.mtkd.v1.ObserveResponse\x12>\n\x08\x45ndEpoch\x12\x18.mtkd.v1.EndEpochRequest\x1a\x18.mtkd.v1.ObserveResponse\x12\x37\n\tGetPolicy\x12\x19.mtkd.v1.GetPolicyRequest\x1a\x0f.mtkd.v1.Policyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mtkd/v1/agent.proto\x12\x07mtkd.v1\x1a\x14mtkd/v1/tensor.proto\"\x16\n\x14\x44\x65scribeAgentRequest\"\xac\x01\n\tAgentInfo\x12\x14\n\x0cnum_teachers\x18\x01 \x01(\x03\x12\x11\n\tstate_dim\x18\x02 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\x12\x0c\n\x04rule\x18\x04 \x01(\t\x12\x0e\n\x06mixing\x18\x05 \x01(\t\x12\x11\n\tmax_batch\x18\x06 \x01(\x03\x12\x15\n\rmax_abs_state\x18\x07 \x01(\x01\x12\x16\n\x0emax_abs_reward\x18\x08 \x01(\x01\"-\n\nActRequest\x12\x1f\n\x06states\x18\x01 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\"u\n\x0b\x41\x63tResponse\x12%\n\x0cweight_logit\x18\x01 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12\'\n\x0eweight_feature\x18\x02 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\"\xa2\x01\n\x0eObserveRequest\x12\x1f\n\x06states\x18\x01 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12\x1f\n\x06reward\x18\x02 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12%\n\x0cweight_logit\x18\x03 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12\'\n\x0eweight_feature\x18\x04 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\":\n\x0fObserveResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x0f\n\x07updated\x18\x02 \x01(\x08\"\x11\n\x0f\x45ndEpochRequest\"\x12\n\x10GetPolicyRequest\".\n\x06Policy\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x13\n\x0bsafetensors\x18\x02 \x01(\x0c\x32\xb6\x02\n\x0c\x41gentService\x12=\n\x08\x44\x65scribe\x12\x1d.mtkd.v1.DescribeAgentRequest\x1a\x12.mtkd.v1.AgentInfo\x12\x30\n\x03\x41\x63t\x12\x13.mtkd.v1.ActRequest\x1a\x14.mtkd.v1.ActResponse\x12<\n\x07Observe\x12\x17.mtkd.v1.ObserveRequest\x1a\x18.mtkd.v1.ObserveResponse\x12>\n\x08\x45ndEpoch\x12\x18.mtkd.v1.EndEpochRequest\x1a\x18.mtkd.v1.ObserveResponse\x12\x37\n\tGetPolicy\x12\x19.mtkd.v1.GetPolicyRequest\x1a\x0f.mtkd.v1.Policyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +34,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DESCRIBEAGENTREQUEST']._serialized_start=54
   _globals['_DESCRIBEAGENTREQUEST']._serialized_end=76
-  _globals['_AGENTINFO']._serialized_start=78
-  _globals['_AGENTINFO']._serialized_end=203
-  _globals['_ACTREQUEST']._serialized_start=205
-  _globals['_ACTREQUEST']._serialized_end=250
-  _globals['_ACTRESPONSE']._serialized_start=252
-  _globals['_ACTRESPONSE']._serialized_end=369
-  _globals['_OBSERVEREQUEST']._serialized_start=372
-  _globals['_OBSERVEREQUEST']._serialized_end=534
-  _globals['_OBSERVERESPONSE']._serialized_start=536
-  _globals['_OBSERVERESPONSE']._serialized_end=594
-  _globals['_ENDEPOCHREQUEST']._serialized_start=596
-  _globals['_ENDEPOCHREQUEST']._serialized_end=613
-  _globals['_GETPOLICYREQUEST']._serialized_start=615
-  _globals['_GETPOLICYREQUEST']._serialized_end=633
-  _globals['_POLICY']._serialized_start=635
-  _globals['_POLICY']._serialized_end=681
-  _globals['_AGENTSERVICE']._serialized_start=684
-  _globals['_AGENTSERVICE']._serialized_end=994
+  _globals['_AGENTINFO']._serialized_start=79
+  _globals['_AGENTINFO']._serialized_end=251
+  _globals['_ACTREQUEST']._serialized_start=253
+  _globals['_ACTREQUEST']._serialized_end=298
+  _globals['_ACTRESPONSE']._serialized_start=300
+  _globals['_ACTRESPONSE']._serialized_end=417
+  _globals['_OBSERVEREQUEST']._serialized_start=420
+  _globals['_OBSERVEREQUEST']._serialized_end=582
+  _globals['_OBSERVERESPONSE']._serialized_start=584
+  _globals['_OBSERVERESPONSE']._serialized_end=642
+  _globals['_ENDEPOCHREQUEST']._serialized_start=644
+  _globals['_ENDEPOCHREQUEST']._serialized_end=661
+  _globals['_GETPOLICYREQUEST']._serialized_start=663
+  _globals['_GETPOLICYREQUEST']._serialized_end=681
+  _globals['_POLICY']._serialized_start=683
+  _globals['_POLICY']._serialized_end=729
+  _globals['_AGENTSERVICE']._serialized_start=732
+  _globals['_AGENTSERVICE']._serialized_end=1042
 # @@protoc_insertion_point(module_scope)

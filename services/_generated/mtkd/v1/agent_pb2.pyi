@@ -11,20 +11,24 @@ class DescribeAgentRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("num_teachers", "state_dim", "policy_version", "rule", "mixing", "max_batch")
+    __slots__ = ("num_teachers", "state_dim", "policy_version", "rule", "mixing", "max_batch", "max_abs_state", "max_abs_reward")
     NUM_TEACHERS_FIELD_NUMBER: _ClassVar[int]
     STATE_DIM_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
     MIXING_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_STATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_REWARD_FIELD_NUMBER: _ClassVar[int]
     num_teachers: int
     state_dim: int
     policy_version: int
     rule: str
     mixing: str
     max_batch: int
-    def __init__(self, num_teachers: _Optional[int] = ..., state_dim: _Optional[int] = ..., policy_version: _Optional[int] = ..., rule: _Optional[str] = ..., mixing: _Optional[str] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    max_abs_state: float
+    max_abs_reward: float
+    def __init__(self, num_teachers: _Optional[int] = ..., state_dim: _Optional[int] = ..., policy_version: _Optional[int] = ..., rule: _Optional[str] = ..., mixing: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_abs_state: _Optional[float] = ..., max_abs_reward: _Optional[float] = ...) -> None: ...
 
 class ActRequest(_message.Message):
     __slots__ = ("states",)

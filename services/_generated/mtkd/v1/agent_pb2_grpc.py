@@ -81,14 +81,17 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Observe(self, request, context):
-        """Store (states, normalised reward) for training; the agent may update its policy.
+        """Store (states, raw reward[, weights acted]) for training; every agent_step stored
+        batches the agent updates its policy (then it may fail as EndEpoch does).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def EndEpoch(self, request, context):
-        """End of a training epoch: the agent trains on what it has stored.
+        """End of a training epoch: the agent trains on what it has stored. Should an update
+        still produce non-finite values, the policy is restored, the stored batches are
+        dropped and the call fails with FAILED_PRECONDITION; the agent keeps serving.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

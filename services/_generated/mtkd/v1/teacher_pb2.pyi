@@ -24,7 +24,7 @@ class DescribeTeacherRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TeacherInfo(_message.Message):
-    __slots__ = ("name", "num_classes", "input_shape", "embedding_dim", "feature_shape", "weights_digest", "max_batch", "model")
+    __slots__ = ("name", "num_classes", "input_shape", "embedding_dim", "feature_shape", "weights_digest", "max_batch", "model", "preprocessing", "numerics")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,8 @@ class TeacherInfo(_message.Message):
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
+    NUMERICS_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_classes: int
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -41,7 +43,21 @@ class TeacherInfo(_message.Message):
     weights_digest: str
     max_batch: int
     model: str
-    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., embedding_dim: _Optional[int] = ..., feature_shape: _Optional[_Iterable[int]] = ..., weights_digest: _Optional[str] = ..., max_batch: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    preprocessing: Preprocessing
+    numerics: str
+    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., embedding_dim: _Optional[int] = ..., feature_shape: _Optional[_Iterable[int]] = ..., weights_digest: _Optional[str] = ..., max_batch: _Optional[int] = ..., model: _Optional[str] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., numerics: _Optional[str] = ...) -> None: ...
+
+class Preprocessing(_message.Message):
+    __slots__ = ("mean", "std", "pixel_min", "pixel_max")
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_MIN_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_MAX_FIELD_NUMBER: _ClassVar[int]
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    pixel_min: float
+    pixel_max: float
+    def __init__(self, mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., pixel_min: _Optional[float] = ..., pixel_max: _Optional[float] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("images", "fields", "half_precision", "request_id", "max_chunk_bytes")
