@@ -84,9 +84,10 @@ def memory_format(precision: str) -> torch.memory_format:
     return torch.contiguous_format if precision == "fp32" else torch.channels_last
 
 
-def numerics_tag(device: torch.device, precision: str) -> str:
-    """How outputs are computed: device kind (the GPU's name on CUDA), precision and torch version,
-    e.g. ``cpu-bf16-torch2.13.0``. Outputs cached under one tag are not reused under another, since
-    other kernels give other last bits."""
+def numerics_tag(device: torch.device, precision: str, variant: str = "") -> str:
+    """How outputs are computed: device kind (the GPU's name on CUDA), precision, an optional variant
+    of the computation (``foldbn``: batch-norm folded into the convolutions; ``compiled``...) and torch
+    version, e.g. ``cpu-bf16-torch2.13.0`` or ``cpu-bf16-foldbn-torch2.13.0``. Outputs cached under
+    one tag are not reused under another, since other kernels give other last bits."""
     kind = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else device.type
-    return f"{kind}-{precision}-torch{torch.__version__}"
+    return f"{kind}-{precision}{'-' + variant if variant else ''}-torch{torch.__version__}"

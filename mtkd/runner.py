@@ -108,7 +108,8 @@ def fit(distiller: Distiller, train_ld, test_ld, run: RunDirectory, train_set, h
     last_epoch = min(config.optim.epochs, stop_after_epoch or config.optim.epochs)
     while distiller.epoch < last_epoch:
         bar = tqdm(total=len(train_ld), desc=f"epoch {distiller.epoch + 1}/{config.optim.epochs}",
-                   disable=not hooks.progress, leave=False, file=sys.stderr, mininterval=1.0)
+                   disable=None if hooks.progress else True,  # None: no bar when stderr is not a terminal
+                   leave=False, file=sys.stderr, mininterval=1.0)
 
         def on_step(step: int, batch, result) -> None:
             record = step_record(step, distiller.epoch + 1, batch.index, result)

@@ -8,6 +8,7 @@ A teacher checkpoint is a folder written by ``mtkd train-teacher``::
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -15,8 +16,10 @@ from torch import nn
 
 from mtkd.checkpoint import (META_FILE, WEIGHTS_FILE, CheckpointError, load_weights, read_json,
                              save_weights, state_dict_digest, write_json)
-from mtkd.devices import autocast, memory_format, numerics_tag, resolve_device, resolve_precision
+from mtkd.devices import DTYPES, autocast, numerics_tag, resolve_device, resolve_precision
 from mtkd.models import Outputs, create_model
+from mtkd.models.fold import fold_batchnorm as fold_batchnorm_into_convs
+from mtkd.models.fold import store_low_precision_weights
 
 TEACHER_FORMAT = "mtkd-teacher/1"
 
@@ -60,6 +63,12 @@ class Teacher:
     """A frozen teacher: eval mode, no gradients, on a device, in a precision. The same duck type as a
     remote teacher (``describe()``, ``infer(images)``).
 
+    Under reduced precision the teacher is also made lean for inference (results stay those of
+    autocast, see :mod:`mtkd.models.fold`): each batch-norm that directly follows a convolution is
+    folded into it, and the conv/linear weights are stored in the autocast dtype (bit-identical to
+    casting them at every forward, without the cast). fp32 stays exactly the reference computation.
+    A model it transforms is copied first; otherwise (fp32) the model itself is moved and frozen.
+
     Args:
         model: a network returning :class:`Outputs`.
         meta: its checkpoint metadata (needs ``input_shape``, ``num_classes``, ``weights_digest``).
@@ -68,15 +77,35 @@ class Teacher:
         precision: ``fp32`` (exact), ``bf16``, ``fp16`` or ``auto`` (see :func:`mtkd.devices.resolve_precision`):
             reduced precision runs under autocast with channels_last weights and inputs.
         compile: wrap the model in ``torch.compile`` (pays off only for long runs; measure).
+        channels_last: the weights' and inputs' memory format; None (default): channels_last exactly
+            when the precision is reduced (:func:`mtkd.devices.memory_format`).
+        fold_batchnorm: fold batch-norm into the preceding convolution; None (default): when the
+            precision is reduced (in fp32 folding would change the last bits of the outputs, by
+            about 1e-6 relative).
     """
 
     def __init__(self, model: nn.Module, meta: dict, name: str | None = None, *, device: str | torch.device = "cpu",
-                 precision: str = "fp32", compile: bool = False):
+                 precision: str = "fp32", compile: bool = False, channels_last: bool | None = None,
+                 fold_batchnorm: bool | None = None):
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.model = model.eval().to(self.device, memory_format=memory_format(self.precision))
+        reduced = self.precision != "fp32"
+        self.channels_last = reduced if channels_last is None else bool(channels_last)
+        self.fold_batchnorm = reduced if fold_batchnorm is None else bool(fold_batchnorm)
+        self.compiled = bool(compile)
+        model = model.eval()
+        if self.fold_batchnorm or reduced:
+            model = copy.deepcopy(model)  # the caller's module keeps its layers and dtypes
+        folded = fold_batchnorm_into_convs(model) if self.fold_batchnorm else 0
+        if reduced:
+            store_low_precision_weights(model, DTYPES[self.precision])
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=layout)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
+        self._variant = "-".join(v for v, on in (("foldbn", folded > 0), ("compiled", self.compiled),
+                                                 ("nchw", reduced and not self.channels_last),
+                                                 ("nhwc", self.channels_last and not reduced)) if on)
         self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
         self.meta = meta
         self.name = name or meta["model"]
@@ -90,7 +119,7 @@ class Teacher:
         the dtype they were computed in (bfloat16/float16 under reduced precision: lossless to move
         or store as such)."""
         images = images.to(self.device, non_blocking=True)
-        if self.precision != "fp32":
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
             return Outputs(*self._forward(images))
@@ -104,7 +133,7 @@ class Teacher:
         """Name, classes, input shape, embedding dim, feature shape, weights digest, model, and the
         input normalisation it was trained with (``mean``/``std`` per channel in ``[0, 1]`` pixel
         scale, None when the checkpoint does not record them); ``precision`` and ``numerics`` say how
-        it computes (``bf16``, ``cpu-bf16-torch2.13.0``)."""
+        it computes (``bf16``, ``cpu-bf16-foldbn-torch2.13.0``)."""
         dataset = self.meta.get("dataset") or {}
         return {
             "name": self.name,
@@ -117,13 +146,13 @@ class Teacher:
             "mean": tuple(dataset["mean"]) if dataset.get("mean") else None,
             "std": tuple(dataset["std"]) if dataset.get("std") else None,
             "precision": self.precision,
-            "numerics": numerics_tag(self.device, self.precision),
+            "numerics": numerics_tag(self.device, self.precision, self._variant),
         }
 
 
 def load_teacher(folder: str | Path, name: str | None = None, **options) -> Teacher:
     """Load a teacher checkpoint folder as a frozen :class:`Teacher` (``options``: device, precision,
-    compile; see :class:`Teacher`)."""
+    compile, channels_last, fold_batchnorm; see :class:`Teacher`)."""
     model, meta = load_model_checkpoint(folder)
     return Teacher(model, meta, name, **options)
 

@@ -1,8 +1,8 @@
-"""Independent checks of the MTKD-RL agent (SPEC.md section 4): when it updates, what one update
+"""Independent checks of the MTKD-RL agent (docs/method.md §4): when it updates, what one update
 is, and the paper's reinforce option.
 
 Expected parameters are obtained by replaying the updates by hand in float64: the policy forward,
-the heuristics, the mixing and the loss are written out here from SPEC.md, gradients come from
+the heuristics, the mixing and the loss are written out here from docs/method.md, gradients come from
 float64 autograd of those formulas, and the step is ``w <- w - 0.1 * grad`` (no torch.optim).
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _raw_reward(seed: int, batch: int = B) -> torch.Tensor:
 
 
 def _mixed_weights(params: dict[str, torch.Tensor], vector: torch.Tensor, dynamic: bool):
-    """SPEC 4 in float64: h = ReLU(W1 s); aL, aF = softmax(heads); c, gL, gF; static or dynamic mix."""
+    """docs/method.md §4 in float64: h = ReLU(W1 s); aL, aF = softmax(heads); c, gL, gF; static or dynamic mix."""
     s = vector.double()
     cos, kl, ce = (s[:, torch.as_tensor(OFFSETS + k)] for k in range(3))
     hidden = torch.clamp(s @ params["stem.weight"].T, min=0.0)
@@ -225,7 +225,7 @@ def test_invalid_configuration_raises():
 
 def test_update_stays_finite_when_a_weight_underflows_to_zero():
     """A teacher that the network, the confidence and the logit gap all rule out gets wL == 0 in
-    float32; the floored log of SPEC 4 makes its loss 100 * r, and the update must stay finite."""
+    float32; the floored log of docs/method.md §4 makes its loss 100 * r, and the update must stay finite."""
     agent = Agent([1, 1], 1, agent_step=1, seed=0)
     with torch.no_grad():
         agent.policy.logit_head.bias.copy_(torch.tensor([-200.0, 0.0]))  # aL[:, 0] == 0

@@ -1,6 +1,6 @@
-"""Independent checks of the MTKD-RL mathematics (SPEC.md sections 2 and 4, interface of section 7).
+"""Independent checks of the MTKD-RL mathematics (docs/method.md §2 and §4, interface of section 7).
 
-Every expected value here comes from the SPEC text alone: literal numbers computed by hand,
+Every expected value here comes from the text of docs/method.md alone: literal numbers computed by hand,
 float64 numpy re-implementations written from the formulas, finite differences and invariants.
 No expected value is obtained by calling an ``mtkd`` function.
 """
@@ -38,7 +38,7 @@ def np_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def np_kd_kl(student: np.ndarray, teacher: np.ndarray, T: float) -> np.ndarray:
-    """SPEC 2: T^2 * sum_c p_t (log p_t - log p_s), p = softmax(z / T); one value per sample."""
+    """docs/method.md §2: T^2 * sum_c p_t (log p_t - log p_s), p = softmax(z / T); one value per sample."""
     log_pt, log_ps = np_log_softmax(teacher / T), np_log_softmax(student / T)
     return T * T * (np.exp(log_pt) * (log_pt - log_ps)).sum(axis=1)
 
@@ -418,7 +418,7 @@ def test_agent_state_from_vector_round_trip():
 
 # ----------------------------------------------------------------------------- policy
 def _np_policy(params: dict, vector: np.ndarray, dims: list[int], C: int, dynamic: bool):
-    """SPEC 4 written out: h = ReLU(W1 s); a = softmax(head(h)); heuristics from the state; mixing."""
+    """docs/method.md §4 written out: h = ReLU(W1 s); a = softmax(head(h)); heuristics from the state; mixing."""
     offsets = np.cumsum([0] + [d + C + 3 for d in dims])[:-1]
     cos, kl, ce = (vector[:, offsets + k] for k in range(3))
     M = len(dims)

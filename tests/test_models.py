@@ -1,4 +1,4 @@
-"""The model zoo: every registered network honours the Outputs contract (SPEC.md section 1)."""
+"""The model zoo: every registered network honours the Outputs contract (docs/method.md §1)."""
 from __future__ import annotations
 
 import subprocess

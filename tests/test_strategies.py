@@ -1,5 +1,5 @@
-"""Independent checks of the teacher-weighting strategies (SPEC.md section 3, and section 4 for
-``mtkd_rl``). Expected weights come from numpy re-implementations of the SPEC formulas and from
+"""Independent checks of the teacher-weighting strategies (docs/method.md §3, and §4 for
+``mtkd_rl``). Expected weights come from numpy re-implementations of the formulas of docs/method.md and from
 literal hand-computed cases; every registered strategy is exercised through the registry.
 """
 from __future__ import annotations
@@ -135,7 +135,7 @@ def test_camkd_literal_two_teachers():
 
 # ----------------------------------------------------------------------------- mtkd_rl
 def _hand_policy(agent: Agent, vector: torch.Tensor):
-    """SPEC 4 static mixing written out in float64 from the agent's parameters."""
+    """docs/method.md §4 static mixing written out in float64 from the agent's parameters."""
     p = {k: v.double() for k, v in agent.policy.state_dict().items()}
     s = vector.double()
     cos, kl, ce = (s[:, torch.as_tensor(OFFSETS + k)] for k in range(3))

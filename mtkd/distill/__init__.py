@@ -1,6 +1,6 @@
 """The MTKD-RL mathematics: losses, projectors, agent state, policy, rewards, strategies.
 
-The verification interface of SPEC.md section 7 is exported here.
+The verification interface of docs/method.md §7 is exported here.
 """
 from .agent import Agent, act_with_policy
 from .losses import feature_mse, kd_kl, per_sample_ce, prediction_entropy

@@ -1,5 +1,5 @@
 """The MTKD-RL agent: a policy over teacher weights, a buffer of experience, and its update
-rules (SPEC.md section 4).
+rules (docs/method.md §4).
 
 Two rules:
 

@@ -1,4 +1,4 @@
-"""Per-sample distillation losses (SPEC.md section 2). Every function returns one value per
+"""Per-sample distillation losses (docs/method.md §2). Every function returns one value per
 sample so that a per-sample teacher weight can multiply it; none reduces over the batch."""
 from __future__ import annotations
 

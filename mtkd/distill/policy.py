@@ -1,4 +1,4 @@
-"""The MTKD-RL policy network and its mixing with heuristic terms (SPEC.md section 4)."""
+"""The MTKD-RL policy network and its mixing with heuristic terms (docs/method.md §4)."""
 from __future__ import annotations
 
 import torch

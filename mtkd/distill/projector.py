@@ -1,4 +1,4 @@
-"""Per-teacher feature projectors P_m (SPEC.md section 2)."""
+"""Per-teacher feature projectors P_m (docs/method.md §2)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Rewards and the reference agent loss (SPEC.md section 4)."""
+"""Rewards and the reference agent loss (docs/method.md §4)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""The agent's state (SPEC.md section 4): per sample and teacher, the teacher-student feature
+"""The agent's state (docs/method.md §4): per sample and teacher, the teacher-student feature
 gap, logit gap, the teacher's cross-entropy, its embedding and its logits."""
 from __future__ import annotations
 

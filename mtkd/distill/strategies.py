@@ -1,4 +1,4 @@
-"""Teacher-weighting strategies behind one interface (SPEC.md section 3).
+"""Teacher-weighting strategies behind one interface (docs/method.md §3).
 
 A strategy sees the step's inputs and returns per-sample teacher weights ``(wL, wF)``; the
 engine owns the losses. Adding a strategy is one class registered here (or anywhere, with

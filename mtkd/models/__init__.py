@@ -2,7 +2,7 @@
 
 Every network maps ``[B, in_channels, H, W]`` images (H, W >= 16; CIFAR 32x32 and
 Fashion-MNIST 28x28 included) to ``Outputs(logits [B, C], embedding [B, D], feature
-[B, K, H', W'])`` (SPEC.md section 1) and has the attributes ``num_classes``,
+[B, K, H', W'])`` (docs/method.md §1) and has the attributes ``num_classes``,
 ``in_channels``, ``embedding_dim`` and ``feature_channels``.
 
 Example:

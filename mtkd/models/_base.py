@@ -1,7 +1,7 @@
 """Shared pieces of the CIFAR-style networks: the base class, weight init and small layers.
 
 Every network here is ``stem -> stages -> head -> global average pool -> classifier`` and
-returns :class:`~mtkd.models.outputs.Outputs` (SPEC.md section 1):
+returns :class:`~mtkd.models.outputs.Outputs` (docs/method.md §1):
 
 - ``feature``   ``[B, K, H', W']`` the output of ``head`` (the last stage's map after its last
   activation, i.e. exactly the tensor that is pooled);

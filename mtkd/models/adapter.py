@@ -13,7 +13,7 @@ _MAX_LISTED = 40
 
 
 class ModelAdapter(nn.Module):
-    """Give an arbitrary classifier the mtkd contract (SPEC.md section 1).
+    """Give an arbitrary classifier the mtkd contract (docs/method.md §1).
 
     A forward hook on the submodule named ``last_stage`` captures its output as ``feature``
     (it must be ``[B, K, H, W]``); ``embedding`` is its global average ``[B, K]``; ``logits``

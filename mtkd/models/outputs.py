@@ -1,4 +1,4 @@
-"""The contract every network (teacher or student) fulfils: SPEC.md section 1."""
+"""The contract every network (teacher or student) fulfils: docs/method.md §1."""
 from __future__ import annotations
 
 from typing import NamedTuple

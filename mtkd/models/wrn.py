@@ -24,6 +24,8 @@ class WideBlock(nn.Module):
     Shapes: ``[B, in_channels, H, W] -> [B, out_channels, H / stride, W / stride]``.
     """
 
+    batchnorm_folds = (("conv1", "bn2"),)  # bn2 only ever normalises conv1's output (mtkd.models.fold)
+
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_channels)

@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import ray
+import ray.train
 from ray.exceptions import GetTimeoutError
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -284,7 +285,9 @@ def _run(config: ExperimentConfig, run: RunDirectory, storage: str, name: str, r
                                          resources_per_worker=learner_demand(config, use_gpu)),
             run_config=RunConfig(name=name, storage_path=storage,
                                  checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-                                 failure_config=FailureConfig(max_failures=config.runtime.max_failures)),
+                                 failure_config=FailureConfig(max_failures=config.runtime.max_failures),
+                                 # the driver prints one line per epoch; Ray Train's own INFO lines are noise
+                                 logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         )
         with EventWriter(events, run, config.optim.epochs, plot_title(config), progress) as writer:
             try:

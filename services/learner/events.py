@@ -132,4 +132,4 @@ class EventWriter:
         self._bar = None
         if self.progress and epoch < self.epochs:
             self._bar = tqdm(total=self._steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False,
-                             file=sys.stderr, mininterval=1.0)
+                             file=sys.stderr, mininterval=1.0, disable=None)  # None: no bar when not a terminal

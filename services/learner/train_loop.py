@@ -41,11 +41,11 @@ class LearnersDiverged(RuntimeError):
 
 
 def quiet_ray_train_logs() -> None:
-    """Ray Train logs every report with its whole metrics dict at INFO; the driver prints one line per epoch."""
+    """Ray Train's worker logs every report with its whole metrics dict at INFO, under a logger named
+    after its file (so ``RunConfig.logging_config`` does not reach it); the driver prints one line per epoch."""
     from ray.train.v2._internal.execution import context as train_context
 
-    for name in ("ray.train", train_context.__file__):  # the context module names its logger by file
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def learner_device(config: ExperimentConfig) -> torch.device:

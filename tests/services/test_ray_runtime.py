@@ -13,6 +13,7 @@ import pytest
 import torch
 
 ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
 
 from mtkd.checkpoint import CheckpointError  # noqa: E402
 from mtkd.config import TeacherSpec  # noqa: E402
@@ -149,17 +150,52 @@ def test_teacher_served_over_grpc_gives_the_same_numbers(tmp_path, teacher_dirs,
     assert_same_losses(step_losses(tmp_path / "run"), inprocess_reference)
 
 
-def test_two_learner_workers_train_together(tmp_path, teacher_dirs):
+def test_two_ddp_learners_keep_identical_parameters_after_every_epoch(tmp_path, teacher_dirs):
     config = small_experiment(tmp_path, teacher_dirs, ["data.train_subset=256", "optim.epochs=2", "runtime.runtime=ray",
                                                        "runtime.num_learners=2", "agent.agent_step=2"])
-    # the run ends with an all-gather of parameter digests that raises if the two workers diverged
     summary = run_ray(config, progress=False)
     assert summary["epochs"] == 2 and summary["test_acc"] > 0
+    for metrics in summary["history"]:  # every epoch: both ranks' parameter digests, all-gathered
+        digests = metrics["learner/param_digests"]
+        assert len(digests) == 2 and digests[0] == digests[1], metrics["epoch"]
+    assert summary["history"][0]["learner/param_digests"] != summary["history"][1]["learner/param_digests"]
     steps = RunDirectory(tmp_path).read(RunDirectory(tmp_path).steps_path)
     assert [s["batch"] for s in steps] == [0, 2, 4, 6] * 2  # rank 0's shard of 8 global batches, per epoch
+    # each step sends both ranks' batches: with agent_step=2 the agent updates after every one of the 8
+    # steps, so the last step acts with the policy of version 7 on both ranks
+    assert summary["history"][-1]["agent/version"] == 7
     last = summary["history"][-1]
-    assert last["agent/version"] >= 2  # the agent learned from both workers' batches and acted in epoch 2
     assert last["weights/logit/resnet8"] + last["weights/logit/vgg8"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_learner_worker_killed_mid_epoch_restarts_from_its_checkpoint_and_finishes(tmp_path, teacher_dirs,
+                                                                                  inprocess_reference):
+    config = small_experiment(tmp_path, teacher_dirs, [*EQUIVALENCE, "runtime.runtime=ray", "runtime.max_failures=1"])
+    steps_path = RunDirectory(tmp_path).steps_path
+    killed = []
+
+    def kill_the_learner_in_epoch_two() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if steps_path.is_file() and len(steps_path.read_text().splitlines()) >= 40:
+                workers = [p for p in psutil.process_iter(["cmdline"])
+                           if any("RayTrainWorker" in part for part in p.info["cmdline"] or ())]
+                for worker in workers:
+                    worker.kill()
+                killed.extend(w.pid for w in workers)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_learner_in_epoch_two, daemon=True)
+    killer.start()
+    summary = run_ray(config, progress=False)
+    killer.join(timeout=5)
+    assert len(killed) == 1, "no learner worker was found to kill"
+    assert [m["epoch"] for m in summary["history"]] == [1, 2]  # each epoch once
+    steps = RunDirectory(tmp_path).read(RunDirectory(tmp_path).steps_path)
+    assert [s["step"] for s in steps] == list(range(1, 61))  # the lost part of epoch 2 was redone, once
+    # restarted from the epoch-1 checkpoint (student, optimiser, agent, RNG): the same numbers
+    assert_same_losses([s["loss"] for s in steps], inprocess_reference)
 
 
 def test_ray_resume_refuses_another_pool_and_overwrite_starts_afresh(tmp_path, teacher_dirs):
