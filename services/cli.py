@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from mtkd import cli as core
+from services.tune import add_tune_parser
 from mtkd.config import ConfigError
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=["ray", "inprocess"], help="runtime of the student runs (default: ray)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides of the demo config")
     p.set_defaults(func=cmd_demo)
+    add_tune_parser(sub)
     return parser
 
 

@@ -112,7 +112,8 @@ class TuneSettings:
     of the trials that reached it continue (> 1)."""
     max_concurrent_trials: int | None = None
     """Trials that train at the same time (None: as many as the cluster's CPUs hold). A private Ray
-    started for the search is sized for this many (one when None, beyond the machine's cores)."""
+    started for the search advertises the machine's cores, or more if the teacher replicas plus this
+    many trials (one when None) need more."""
     seed: int | None = 0
     """Seeds the sampling of the search space, so that a search draws the same trials every time
     (None: different draws each time)."""
@@ -797,6 +798,14 @@ def format_table(rows: list[dict], search_keys: list[str], metric: str, best: di
     return "\n".join(lines)
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the current folder when it lies below it, else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _finish(spec: TuneSpec, search_dir: Path, experiment_path: Path, outcome: dict) -> dict:
     from mtkd.config import save_config
 
@@ -810,7 +819,7 @@ def _finish(spec: TuneSpec, search_dir: Path, experiment_path: Path, outcome: di
               for status in ("done", "stopped", "error", "pending", "unfinished")}
     if counts["pending"] or counts["unfinished"]:
         print(f"\nthe search was interrupted ({counts['pending']} trial(s) pending, {counts['unfinished']} unfinished); "
-              f"continue it with: mtkd tune --resume {search_dir}")
+              f"continue it with: mtkd tune --resume {_shown(search_dir)}")
     summary = {"search_dir": str(search_dir), "tune_dir": str(experiment_path), "trials": len(rows), **counts,
                "metric": settings.metric, "mode": settings.mode, "results": str(search_dir / RESULTS_FILE),
                "teachers": outcome["teachers"]}
@@ -820,8 +829,9 @@ def _finish(spec: TuneSpec, search_dir: Path, experiment_path: Path, outcome: di
     config = trial_config(spec.experiment, best["params"])
     config.output_dir = str(search_dir / "best")
     save_config(config, search_dir / BEST_CONFIG_FILE)
-    print(f"\nbest: trial {best['trial']} {settings.metric} {best['final']:.4f} -> {search_dir / BEST_CONFIG_FILE} "
-          f"(mtkd distill --config {search_dir / BEST_CONFIG_FILE})")
+    shown = _shown(search_dir / BEST_CONFIG_FILE)
+    print(f"\nbest: trial {best['trial']} {settings.metric} {best['final']:.4f} -> {shown} "
+          f"(mtkd distill --config {shown})")
     return {**summary, "best_trial": best["trial"], "best_value": best["final"], "best_params": best["params"],
             "best_config": str(search_dir / BEST_CONFIG_FILE)}
 
@@ -853,7 +863,9 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="dotted overrides of the tune file, e.g. tune.num_samples=8 experiment.optim.epochs=4")
     p.add_argument("--resume", metavar="SEARCH_DIR", help="continue an interrupted search (its tune.output_dir)")
-    p.add_argument("--address", help="Ray cluster to join (as for mtkd distill; default: a private local Ray)")
+    p.add_argument("--address", help="Ray cluster to join (as for mtkd distill: default $RAY_ADDRESS, or a cluster "
+                                     "started with `ray start` here, else a private local Ray; 'local' forces a "
+                                     "private one)")
     p.add_argument("--overwrite", action="store_true", help="replace a search already in tune.output_dir")
     p.add_argument("--quiet", action="store_true", help="no per-trial progress lines on stderr")
     p.set_defaults(func=cmd_tune)

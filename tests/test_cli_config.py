@@ -52,6 +52,10 @@ def test_every_shipped_config_loads(path):
         from mtkd.config import from_dict
 
         from_dict(DemoConfig, yaml.safe_load(path.read_text()))
+    elif path.name.startswith("tune-"):
+        from services.tune import load_tune  # the tune file's own schema
+
+        load_tune(path)
     elif path.name.startswith("teacher-"):
         load_config(TeacherTrainConfig, path)
     else:
