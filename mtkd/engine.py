@@ -234,6 +234,8 @@ class Distiller:
         if self.strategy.uses_teachers and not self.descriptions:
             raise PoolMismatchError(f"strategy {config.distill.strategy!r} needs at least one teacher; the pool is empty")
         self.agree = agree
+        self.num_classes = num_classes
+        self._class_totals: torch.Tensor | None = None  # [C, 2M + 1]: per class, summed wL, wF and a count
         self.epoch = 0  # the next epoch to train
         self.global_step = 0
 
@@ -281,6 +283,7 @@ class Distiller:
                              weights.logit.detach().mean(0), weights.feature.detach().mean(0)])
         values = scalars.tolist()  # the step's one host sync
         _check_finite(dict(zip(LOSS_PARTS, values[1:4])), where, self.agree)
+        self._add_class_weights(targets, weights)
         self._optimise(loss)
         diagnostics = dict(weights.diagnostics)
         diagnostics.update(self.strategy.observe(StepFeedback(state, reward, weights.logit, weights.feature, self.warmup)))
@@ -288,6 +291,25 @@ class Distiller:
         return StepResult(*values[:4], correct=int(values[6]), batch=targets.shape[0],
                           weight_logit=values[7:7 + num_teachers], weight_feature=values[7 + num_teachers:],
                           reward=values[4], reward_hat=values[5], diagnostics=diagnostics)
+
+    def _add_class_weights(self, targets: torch.Tensor, weights) -> None:
+        """Accumulate, on the device, the teacher weights of each class (for ``class_weights/*``)."""
+        rows = torch.cat([weights.logit.detach(), weights.feature.detach(),
+                          torch.ones_like(targets, dtype=weights.logit.dtype)[:, None]], 1)  # [B, 2M + 1]
+        if self._class_totals is None:
+            self._class_totals = torch.zeros(self.num_classes, rows.shape[1], dtype=rows.dtype, device=rows.device)
+        self._class_totals.index_add_(0, targets, rows)
+
+    def _class_weight_metrics(self) -> dict:
+        """``class_weights/logit`` and ``class_weights/feature``: ``[C][M]`` mean weights of the epoch
+        (which teacher each class learnt from); {} when the strategy weights no teachers."""
+        totals, self._class_totals = self._class_totals, None
+        if totals is None:
+            return {}
+        num_teachers = (totals.shape[1] - 1) // 2
+        means = (totals[:, :-1] / totals[:, -1:].clamp(min=1)).tolist()
+        return {"class_weights/logit": [row[:num_teachers] for row in means],
+                "class_weights/feature": [row[num_teachers:] for row in means]}
 
     def _optimise(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -345,6 +367,7 @@ class Distiller:
                 on_step(self.global_step, batch, result)
         totals.diagnostics.update(self.strategy.end_epoch())
         metrics = totals.summary(self.teacher_names)
+        metrics.update(self._class_weight_metrics())
         if self.strategy.uses_teachers and hasattr(self.pool, "take_stats"):
             metrics.update(self.pool.take_stats())
         metrics.update({"epoch": self.epoch + 1, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import matplotlib
 
 matplotlib.use("Agg")
@@ -60,4 +61,32 @@ def plot_comparison(histories: dict[str, list[dict]], path: str | Path) -> None:
         axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_class_trust(class_weights: list[list[float]], teacher_names: list[str], class_names: list[str] | None,
+                     path: str | Path, title: str = "") -> None:
+    """A heat map of which teacher the student learnt each class from: the mean logit-KD weight of
+    every teacher (columns) over the samples of every class (rows).
+
+    Args:
+        class_weights: ``[C][M]`` mean weights (``class_weights/logit`` of an epoch's metrics).
+        teacher_names: M names.
+        class_names: C names (None: class indices).
+        path: PNG file to write.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    weights = np.asarray(class_weights, dtype=float)
+    rows = class_names or [str(c) for c in range(weights.shape[0])]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * weights.shape[1], 0.9 + 0.4 * weights.shape[0]))
+    image = ax.imshow(weights, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(teacher_names)), teacher_names)
+    ax.set_yticks(range(len(rows)), rows)
+    for (r, c), value in np.ndenumerate(weights):
+        ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                color="black" if value > weights.mean() else "white")
+    ax.set(title=title or "mean logit-KD weight per teacher and class", xlabel="teacher", ylabel="class")
+    fig.colorbar(image, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
     plt.close(fig)

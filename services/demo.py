@@ -1,13 +1,16 @@
 """``mtkd demo``: the main job end to end, sized for a small CPU machine.
 
-Trains (or reuses from a cache) a pool of teachers, distills one student with each strategy
-(on Ray by default), and prints a table of test accuracies and where the plots are.
+Trains (or reuses from a cache) a pool of teachers on the whole training set, distills one student
+from a small labelled subset with each strategy (on Ray by default; the teachers' outputs are
+computed once and shared through a private Redis), and prints a table of test accuracies with each
+strategy's gain, a comparison plot, and a plot of which teacher the agent trusted for which class.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,7 +20,8 @@ import yaml
 
 from mtkd.checkpoint import CheckpointError
 from mtkd.config import ExperimentConfig, TeacherSpec, TeacherTrainConfig, apply_overrides, from_dict, to_dict
-from mtkd.plot import plot_comparison
+from mtkd.data import load_dataset
+from mtkd.plot import plot_class_trust, plot_comparison
 from mtkd.teacher_training import train_teacher
 from mtkd.teachers import load_model_checkpoint
 
@@ -27,22 +31,25 @@ class DemoConfig:
     cache_dir: str = "cache/teachers"
     """Teachers are cached here, keyed by their training config."""
     output_dir: str = "runs/demo"
-    """One run folder per strategy below this."""
+    """One run folder per strategy below this, and the comparison plots."""
     strategies: list[str] = field(default_factory=lambda: ["ce", "aver", "mtkd_rl"])
-    """Strategies to compare."""
+    """Strategies to compare (``ce`` first: the others' gains are measured against it)."""
     teacher_models: list[str] = field(default_factory=lambda: ["resnet20", "vgg8", "wrn_16_2"])
     """Model names of the teacher pool."""
     teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
     """How each teacher is trained (model and output_dir are filled in per teacher)."""
     student: ExperimentConfig = field(default_factory=ExperimentConfig)
     """The student's experiment (teachers, strategy and output_dir are filled in per run)."""
+    share_teacher_outputs: bool = True
+    """Run a private redis-server for the student runs: the teachers' outputs are computed once (the
+    runs see the same batches) and every later strategy reads them from the cache."""
 
 
 def teacher_key(cfg: TeacherTrainConfig) -> str:
     """A short hash of everything that determines a teacher (not where it is written)."""
     data = to_dict(cfg)
-    data.pop("output_dir")
-    data.pop("threads")
+    for key in ("output_dir", "threads", "device"):
+        data.pop(key)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -54,14 +61,23 @@ def cached_teacher(cfg: TeacherTrainConfig, cache_dir: Path) -> dict:
         _, meta = load_model_checkpoint(cfg.output_dir)
         print(f"[demo] teacher {cfg.model}: reusing {cfg.output_dir}", file=sys.stderr)
     except CheckpointError:
-        print(f"[demo] teacher {cfg.model}: training ({cfg.optim.epochs} epochs)", file=sys.stderr)
+        subset = f"{cfg.data.train_subset} images" if cfg.data.train_subset else "the whole training set"
+        print(f"[demo] teacher {cfg.model}: training on {subset} ({cfg.optim.epochs} epochs, {cfg.precision})",
+              file=sys.stderr, flush=True)
         meta = train_teacher(cfg, progress=True, overwrite=True)
     return {**meta, "path": cfg.output_dir}
 
 
 def format_table(rows: list[tuple[str, str, str, float]]) -> str:
-    lines = [f"{'model':<14}{'role':<10}{'strategy':<10}{'test acc':>9}", "-" * 43]
-    lines += [f"{m:<14}{r:<10}{s:<10}{a * 100:>8.2f}%" for m, r, s, a in rows]
+    """Teachers and students with each student's gain over ``ce`` and over ``aver`` (points)."""
+    accuracy = {s: a for _, role, s, a in rows if role == "student"}
+    lines = [f"{'model':<14}{'role':<10}{'strategy':<10}{'test acc':>9}{'vs ce':>9}{'vs aver':>9}", "-" * 61]
+    for model, role, strategy, acc in rows:
+        line = f"{model:<14}{role:<10}{strategy:<10}{acc * 100:>8.2f}%"
+        for base in ("ce", "aver"):
+            shown = role == "student" and base in accuracy and strategy not in ("ce", base)
+            line += f"{(acc - accuracy[base]) * 100:>+9.2f}" if shown else " " * 9
+        lines.append(line.rstrip())
     return "\n".join(lines)
 
 
@@ -75,34 +91,72 @@ def run_demo(config_path: str | None, overrides: list[str], runtime: str = "ray"
         cfg = copy.deepcopy(demo.teacher)
         cfg.model = model
         teachers.append(cached_teacher(cfg, Path(demo.cache_dir)))
+    rows = [(t["model"], "teacher", "-", t["test_accuracy"]) for t in teachers]
+    runs = run_students(demo, teachers, runtime)
+    rows += [(demo.student.student, "student", s, r["test_acc"]) for s, r in runs.items()]
+    plots = draw(demo, runs, teachers)
+    print(format_table(rows))
+    print("\nplots: " + ", ".join(str(p) for p in plots.values()))
+    return {"wall_seconds": round(time.perf_counter() - start, 1), **{f"{k}_plot": str(v) for k, v in plots.items()},
+            "table": [{"model": m, "role": r, "strategy": s, "test_acc": a} for m, r, s, a in rows]}
+
+
+def run_students(demo: DemoConfig, teachers: list[dict], runtime: str) -> dict[str, dict]:
+    """Distill the student with every strategy; the teachers' outputs shared through a private Redis."""
+    base = copy.deepcopy(demo.student)
+    base.teachers = [TeacherSpec(checkpoint=t["path"]) for t in teachers]
+    base.runtime.runtime = runtime
     if runtime == "ray":
         from services.learner.driver import ensure_ray, run_ray as run
         import ray
 
-        sized = copy.deepcopy(demo.student)  # the private Ray must fit the pool's actors
-        sized.teachers = [TeacherSpec(checkpoint=t["path"]) for t in teachers]
-        ensure_ray(sized)
+        ensure_ray(base)  # one private Ray for every run, sized for the pool's actors
     else:
         from mtkd.runner import run_inprocess as run
-    rows = [(t["model"], "teacher", "-", t["test_accuracy"]) for t in teachers]
-    runs = {}
+    runs: dict[str, dict] = {}
     try:
-        for strategy in demo.strategies:
-            config = copy.deepcopy(demo.student)
-            config.teachers = [TeacherSpec(checkpoint=t["path"]) for t in teachers]
-            config.distill.strategy = strategy
-            config.runtime.runtime = runtime
-            config.output_dir = str(Path(demo.output_dir) / strategy)
-            print(f"[demo] student {config.student} with {strategy} on {runtime}", file=sys.stderr)
-            summary = run(config, progress=True, overwrite=True)
-            runs[strategy] = summary
-            rows.append((config.student, "student", strategy, summary["test_acc"]))
+        with shared_cache(demo) as store:
+            for strategy in demo.strategies:
+                config = copy.deepcopy(base)
+                config.distill.strategy = strategy
+                config.output_dir = str(Path(demo.output_dir) / strategy)
+                options = {}
+                if store is not None:
+                    config.cache.url = store.url
+                    options = {"store": store} if runtime == "inprocess" else {}
+                print(f"[demo] student {config.student} with {strategy} on {runtime}", file=sys.stderr, flush=True)
+                runs[strategy] = run(config, progress=True, overwrite=True, **options)
     finally:
         if runtime == "ray":
             ray.shutdown()
-    comparison = Path(demo.output_dir) / "comparison.png"
-    plot_comparison({s: r["history"] for s, r in runs.items()}, comparison)
-    print(format_table(rows))
-    print(f"\nplots: {comparison} (all strategies); per run: " + ", ".join(r["plot"] for r in runs.values()))
-    return {"wall_seconds": round(time.perf_counter() - start, 1), "comparison_plot": str(comparison),
-            "table": [{"model": m, "role": r, "strategy": s, "test_acc": a} for m, r, s, a in rows]}
+    return runs
+
+
+def shared_cache(demo: DemoConfig):
+    """A private Redis for the student runs (or nothing, with a note, when redis-server is missing)."""
+    import contextlib
+
+    from services.cache import open_store
+
+    if not demo.share_teacher_outputs:
+        return contextlib.nullcontext(None)
+    if shutil.which("redis-server") is None:
+        print("[demo] redis-server is not installed: every strategy computes the teachers' outputs again",
+              file=sys.stderr)
+        return contextlib.nullcontext(None)
+    return open_store("local", demo.student.cache.max_memory_mb)
+
+
+def draw(demo: DemoConfig, runs: dict[str, dict], teachers: list[dict]) -> dict[str, Path]:
+    """The comparison plot, and the class-trust plot of the agent's run (if there is one)."""
+    out = Path(demo.output_dir)
+    plots = {"comparison": out / "comparison.png"}
+    plot_comparison({s: r["history"] for s, r in runs.items()}, plots["comparison"])
+    agent_run = next((r for s, r in runs.items() if s == "mtkd_rl"), None)
+    if agent_run and agent_run["history"] and "class_weights/logit" in agent_run["history"][-1]:
+        last = agent_run["history"][-1]
+        names = load_dataset(demo.student.data.name, demo.student.data.root, "test").class_names
+        plots["class_trust"] = out / "class_trust.png"
+        plot_class_trust(last["class_weights/logit"], [t["model"] for t in teachers], names, plots["class_trust"],
+                         title=f"which teacher the agent trusts for which class (epoch {last['epoch']})")
+    return plots
