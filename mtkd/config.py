@@ -159,9 +159,9 @@ class RuntimeConfig:
     """Where the student trains: auto (cuda when available, else cpu), cpu, cuda or cuda:N. On Ray,
     a GPU device gives each learner worker a GPU (``ScalingConfig(use_gpu=True)``)."""
     teacher_precision: str = "auto"
-    """Teacher inference: fp32 (exact), bf16 or fp16 (autocast + channels_last; outputs handed to the
-    losses in fp32). auto: bf16 where the teacher's device runs it natively (CUDA with bf16, a CPU
-    with AMX or AVX512-BF16), else fp32."""
+    """Teacher inference: fp32 (exact), bf16 or fp16 (autocast + channels_last, batch norm folded;
+    outputs handed to the losses in fp32). auto: bf16 where it is faster than fp32 (a CUDA GPU with
+    bf16, a CPU with AMX tiles), else fp32; a CPU with only AVX512-BF16 runs bf16 slower than fp32."""
     student_precision: str = "fp32"
     """Student forward/backward: fp32 or bf16 (autocast; the losses are computed in fp32)."""
     compile_teachers: bool = False

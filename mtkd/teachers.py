@@ -76,7 +76,11 @@ class Teacher:
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         precision: ``fp32`` (exact), ``bf16``, ``fp16`` or ``auto`` (see :func:`mtkd.devices.resolve_precision`):
             reduced precision runs under autocast with channels_last weights and inputs.
-        compile: wrap the model in ``torch.compile`` (pays off only for long runs; measure).
+        compile: wrap the model in ``torch.compile`` with inductor's ``freezing`` (the frozen weights
+            become constants: batch-norm folded, weights pre-packed for oneDNN). It compiles once per
+            batch size (45-136 s for four CIFAR teachers on one busy CPU core) and changes the last
+            bits (about 1e-6 relative in fp32); there it made the four fp32 teachers 1.49x faster,
+            bf16 ones 1.02x (a CPU without AMX).
         channels_last: the weights' and inputs' memory format; None (default): channels_last exactly
             when the precision is reduced (:func:`mtkd.devices.memory_format`).
         fold_batchnorm: fold batch-norm into the preceding convolution; None (default): when the
@@ -106,12 +110,14 @@ class Teacher:
         self._variant = "-".join(v for v, on in (("foldbn", folded > 0), ("compiled", self.compiled),
                                                  ("nchw", reduced and not self.channels_last),
                                                  ("nhwc", self.channels_last and not reduced)) if on)
-        self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
+        self._forward = self.model
         self.meta = meta
         self.name = name or meta["model"]
-        probe = self.infer(torch.zeros(1, *meta["input_shape"]))
+        probe = self.infer(torch.zeros(1, *meta["input_shape"]))  # eager: a batch-1 compile would be wasted
         self.embedding_dim = probe.embedding.shape[1]
         self.feature_shape = tuple(probe.feature.shape[1:])
+        if compile:
+            self._forward = torch.compile(self.model, dynamic=False, options={"freezing": True})
 
     @torch.inference_mode()
     def infer_raw(self, images: torch.Tensor) -> Outputs:
