@@ -120,8 +120,16 @@ def load(address: str, batch: np.ndarray, clients: int, seconds: float) -> dict:
     def client(index: int) -> None:
         with grpc.insecure_channel(address) as channel:
             stub = teacher_pb2_grpc.TeacherServiceStub(channel)
-            stub.Infer(message, timeout=60)  # connect and warm up, untimed
-            ready.wait()
+            try:
+                stub.Infer(message, timeout=60)  # connect and warm up, untimed
+            except grpc.RpcError as err:
+                failures.append(f"warm-up: {err.code().name}: {err.details()}")
+                ready.abort()  # the others stop waiting too
+                return
+            try:
+                ready.wait(timeout=180)
+            except threading.BrokenBarrierError:
+                return
             stop_at = time.perf_counter() + seconds
             while time.perf_counter() < stop_at:
                 began = time.perf_counter()
@@ -137,7 +145,12 @@ def load(address: str, batch: np.ndarray, clients: int, seconds: float) -> dict:
     workers = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for worker in workers:
         worker.start()
-    ready.wait()
+    try:
+        ready.wait(timeout=180)
+    except threading.BrokenBarrierError:
+        for worker in workers:
+            worker.join()
+        raise SystemExit(f"grpc_load: the clients could not start: {sorted(set(failures)) or 'timed out'}")
     start = time.perf_counter()
     for worker in workers:
         worker.join()

@@ -153,8 +153,9 @@ class RuntimeConfig:
     runtime: str = "ray"
     """ray (the distributed service, default) or inprocess (the reference engine)."""
     address: str | None = None
-    """Ray cluster to join ("auto", "ray://head:10001", ...). None: the cluster of ``RAY_ADDRESS`` or of
-    the ``ray job`` this runs in, else a private local Ray started (and stopped) for the run."""
+    """Ray cluster to join ("auto", "ray://head:10001", ...), or "local" for a private local Ray started
+    (and stopped) for the run. None: the cluster of ``RAY_ADDRESS`` or of the ``ray job`` this runs in,
+    else a private local Ray."""
     device: str = "auto"
     """Where the student trains: auto (cuda when available, else cpu), cpu, cuda or cuda:N. On Ray,
     a GPU device gives each learner worker a GPU (``ScalingConfig(use_gpu=True)``)."""
@@ -339,8 +340,28 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node: Any = data
         for depth, key in enumerate(keys[:-1]):
             node = _child(node, key, ".".join(keys[: depth + 1]), dotted)
-        _assign(node, keys[-1], yaml.safe_load(raw) if raw.strip() else None, dotted)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(error)})") from error
+        _assign(node, keys[-1], value, dotted)
     return data
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """The parsed content of the YAML file ``path`` (``yaml.safe_load``); a missing file or invalid
+    YAML is a :class:`ConfigError` naming ``what`` and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {_yaml_problem(error)}") from error
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def _child(node: Any, key: str, path: str, dotted: str) -> Any:
@@ -379,10 +400,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     """Load ``cls`` from a YAML file (or defaults) with dotted overrides; validated."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path) or {}
     data = apply_overrides(data, overrides or [])
     return from_dict(cls, data)
 

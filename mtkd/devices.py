@@ -31,7 +31,10 @@ def resolve_device(name: str | torch.device) -> torch.device:
         return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise DeviceError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from error
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"device {name!r} asked for, but CUDA is not available here (torch "

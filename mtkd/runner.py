@@ -139,6 +139,7 @@ def fit(distiller: Distiller, train_ld, test_ld, run: RunDirectory, train_set, h
 
 
 def plot_title(config: ExperimentConfig) -> str:
+    """The title of a run's plot: the student and the strategy."""
     return f"{config.student} - {config.distill.strategy}"
 
 

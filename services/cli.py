@@ -21,6 +21,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def cmd_distill(args: argparse.Namespace) -> dict:
+    """`mtkd distill`: on Ray (the default) or in process; returns the run's summary."""
     if args.runtime:
         args.overrides = [*args.overrides, f"runtime.runtime={args.runtime}"]
     if args.address:
@@ -113,18 +114,22 @@ def _start(serve, backend, args: argparse.Namespace, **options):
 
 
 def _serve_until_signal(server, stop, what: str, port: int, args: argparse.Namespace) -> dict:
-    print(f"mtkd: serving {what} on {args.host}:{port} (health: grpc.health.v1)", file=sys.stderr, flush=True)
-    if args.port_file:
-        Path(args.port_file).write_text(str(port))
+    """Serve until SIGINT or SIGTERM; ``--port-file`` gets the bound port (written whole, atomically)."""
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
+    print(f"mtkd: serving {what} on {args.host}:{port} (health: grpc.health.v1)", file=sys.stderr, flush=True)
+    if args.port_file:
+        partial = Path(f"{args.port_file}.partial")
+        partial.write_text(str(port))
+        os.replace(partial, args.port_file)  # a poller never reads a half-written file
     done.wait()
     stop(server, grace=5.0).wait(10)
     return {"served": what, "port": port}
 
 
 def cmd_serve_teacher(args: argparse.Namespace) -> dict:
+    """`mtkd serve-teacher`: serve one teacher checkpoint over gRPC until SIGINT/SIGTERM."""
     from mtkd.teachers import load_teacher
     from services.teacher_server.grpc_server import check_max_batch, serve, stop
 
@@ -139,6 +144,7 @@ def cmd_serve_teacher(args: argparse.Namespace) -> dict:
 
 
 def cmd_serve_agent(args: argparse.Namespace) -> dict:
+    """`mtkd serve-agent`: serve an MTKD-RL agent over gRPC until SIGINT/SIGTERM."""
     from mtkd.engine import agent_kwargs
     from mtkd.runner import load_local_pool
     from services.agent.backend import AgentBackend
@@ -161,6 +167,7 @@ def cmd_serve_agent(args: argparse.Namespace) -> dict:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict:
+    """`mtkd demo`: teachers, then ce / aver / mtkd_rl students; returns the demo's summary."""
     from services.demo import run_demo
 
     return run_demo(args.config, args.overrides, runtime=args.runtime or "ray")
@@ -186,6 +193,7 @@ def _add_server_args(p: argparse.ArgumentParser, default_port: int, default_max_
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `mtkd` command line: the library's sub-commands plus the service ones."""
     parser = core.build_parser(distill=cmd_distill)
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     distill = sub.choices["distill"]
@@ -215,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of `mtkd`: returns the exit code (0, 2 for a user error, 3 for a numeric one)."""
     return core.run(build_parser(), argv)
 
 

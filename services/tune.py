@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from mtkd.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, to_dict
+from mtkd.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, read_yaml, to_dict
 
 SEARCH_FILE = "search.yaml"  # the resolved search, read back by --resume
 RESULTS_FILE = "results.jsonl"
@@ -202,21 +202,14 @@ def load_tune(path: str | Path, overrides: list[str] | None = None) -> TuneSpec:
         ConfigError: anything wrong, in one line naming the key.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"tune file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"tune file {str(path)!r} is not valid YAML: {str(error).splitlines()[0]}") from error
+    data = read_yaml(path, "tune file") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"tune file {str(path)!r}: expected a mapping with experiment, search_space and tune, "
                           f"got {type(data).__name__}")
     if isinstance(data.get("experiment"), str):  # a path relative to the tune file
         experiment_path = (path.parent / data["experiment"]).resolve()
-        if not experiment_path.is_file():
-            raise ConfigError(f"experiment: file {str(experiment_path)!r} (given as {data['experiment']!r}, relative "
-                              f"to the tune file) does not exist")
-        data["experiment"] = yaml.safe_load(experiment_path.read_text()) or {}
+        data["experiment"] = read_yaml(experiment_path, f"experiment file (given as {data['experiment']!r}, "
+                                                        f"relative to the tune file)") or {}
     return parse_tune(apply_overrides(data, list(overrides or [])))
 
 
@@ -573,7 +566,7 @@ def run_tune(spec: TuneSpec, resume: bool = False, progress: bool = True, overwr
 
     from mtkd.checkpoint import CheckpointError
     from services.cache import open_store
-    from services.learner.driver import cluster_address, ensure_ray
+    from services.learner.driver import cluster_address, ensure_ray, warn_if_local_cache
     from services.teacher_server.pool import teacher_source
 
     search_dir = spec.search_dir.resolve()
@@ -596,9 +589,7 @@ def run_tune(spec: TuneSpec, resume: bool = False, progress: bool = True, overwr
         sizing.runtime.num_learners = spec.settings.max_concurrent_trials or 1
         started = ensure_ray(sizing)
         try:
-            if store is not None and spec.base.cache.url == "local" and not private:
-                print("[mtkd] warning: cache.url=local serves on this node's loopback only; teachers on other "
-                      "nodes compute without it (point cache.url at a shared Redis)", file=sys.stderr)
+            warn_if_local_cache(spec.base.cache.url, private)
             outcome = _search(spec, experiment_path, resume, progress, private, store.url if store else None)
         finally:
             if started:

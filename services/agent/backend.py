@@ -35,6 +35,7 @@ class AgentBackend:
         return self.agent.version, updated, dict(self.agent.last_update) if updated else {}
 
     def end_epoch(self) -> tuple[int, bool, dict]:
+        """Update the agent on what it holds (the end-of-epoch update); ``(version, updated, metrics)``."""
         updated = self.agent.end_epoch()
         return self.agent.version, updated, dict(self.agent.last_update) if updated else {}
 
@@ -43,8 +44,10 @@ class AgentBackend:
         return self.agent.version, {k: v.clone() for k, v in self.agent.policy.state_dict().items()}
 
     def get_state(self) -> dict:
+        """The agent's whole state (policy, optimiser, buffer) for a checkpoint."""
         return self.agent.state_dict()
 
     def set_state(self, state: dict) -> int:
+        """Restore :meth:`get_state`'s output; returns the policy version."""
         self.agent.load_state_dict(state)
         return self.agent.version

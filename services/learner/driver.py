@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import time
 import uuid
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import ray
 import ray.train
-from ray.exceptions import GetTimeoutError
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Queue
@@ -97,11 +98,6 @@ def ensure_ray(config: ExperimentConfig) -> bool:
 
 
 # ------------------------------------------------------------------------------- placement
-def teacher_replicas(config: ExperimentConfig) -> int:
-    """Teacher actors the run starts (at least one per teacher)."""
-    return sum(max(1, t.replicas) for t in config.teachers)
-
-
 def learner_demand(config: ExperimentConfig, use_gpu: bool) -> dict[str, float]:
     """Ray resources of one learner worker."""
     demand = {"CPU": config.runtime.learner_num_cpus, **config.runtime.learner_resources}
@@ -171,17 +167,51 @@ def check_resources(config: ExperimentConfig, use_gpu: bool, private: bool) -> N
 
 
 def describe_teachers(handles: list[list]) -> list[dict]:
-    """The teachers' descriptions, once their first replicas are placed and loaded."""
-    refs = [replicas[0].describe.remote() for replicas in handles]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PLACEMENT_NOTE_AFTER_S)
-    if len(ready) < len(refs):
-        print(f"[mtkd] waiting for {len(refs) - len(ready)} teacher actor(s) to be placed and loaded "
+    """The teachers' descriptions (one per teacher), once every replica is placed and loaded.
+
+    All replicas of a teacher must compute alike (same precision and numerics: the cache keys and
+    the numbers depend on it); a replica that failed to load (a missing checkpoint, a wrong digest,
+    an unreachable address) ends the run with its error in one line."""
+    refs = [[replica.describe.remote() for replica in replicas] for replicas in handles]
+    flat = [ref for group in refs for ref in group]
+    ready, _ = ray.wait(flat, num_returns=len(flat), timeout=PLACEMENT_NOTE_AFTER_S)
+    if len(ready) < len(flat):
+        print(f"[mtkd] waiting for {len(flat) - len(ready)} teacher actor(s) to be placed and loaded "
               f"(up to {PLACEMENT_TIMEOUT_S:.0f} s)", file=sys.stderr, flush=True)
     try:
-        return ray.get(refs, timeout=PLACEMENT_TIMEOUT_S)
+        described = [ray.get(group, timeout=PLACEMENT_TIMEOUT_S) for group in refs]
     except GetTimeoutError as error:
         raise RayUnavailableError(f"the teacher actors were not placed within {PLACEMENT_TIMEOUT_S:.0f} s; "
                                   f"check that the cluster has the resources they ask for") from error
+    except RayActorError as error:
+        raise RayUnavailableError(f"a teacher actor failed to start: {actor_failure(error)}") from error
+    for group in described:
+        name = group[0].get("name")
+        precisions = sorted({str(d.get("precision")) for d in group})
+        if len(precisions) > 1:
+            raise RayUnavailableError(
+                f"the replicas of teacher {name!r} resolved to different precisions {precisions} on their nodes; "
+                f"set runtime.teacher_precision explicitly or place them on alike nodes (teachers[i].resources)")
+        numerics = sorted({str(d.get("numerics")) for d in group})
+        if len(numerics) > 1:
+            print(f"[mtkd] warning: the replicas of teacher {name!r} run on different hardware {numerics}: their "
+                  f"outputs may differ in the last bits, and the cache keys name the first", file=sys.stderr)
+    return [group[0] for group in described]
+
+
+def warn_if_local_cache(cache_url: str | None, private: bool) -> None:
+    """On a cluster, a private Redis (``cache.url: local``) serves this node only: say so."""
+    if cache_url == "local" and not private:
+        print("[mtkd] warning: cache.url=local serves on this node's loopback only; teachers on other nodes "
+              "compute without it (point cache.url at a shared Redis)", file=sys.stderr)
+
+
+def actor_failure(error: BaseException) -> str:
+    """The last ``SomeError: message`` line of a Ray actor error (its cause), else its first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", line)]
+    chosen = causes[-1] if causes else (lines[0] if lines else type(error).__name__)
+    return re.sub(r"^(mtkd|services)[\w.]*\.", "", chosen)
 
 
 # ------------------------------------------------------------------------------- checks
@@ -255,9 +285,7 @@ def run_ray(config: ExperimentConfig, resume: bool = False, stop_after_epoch: in
     private = cluster_address(config) is None  # no autoscaler to wait for: refuse what cannot be placed
     with open_store(config.cache.url, config.cache.max_memory_mb) as store:
         started = ensure_ray(config)
-        if store is not None and config.cache.url == "local" and not private:
-            print("[mtkd] warning: cache.url=local serves on this node's loopback only; teachers on other nodes "
-                  "compute without it (point cache.url at a shared Redis)", file=sys.stderr)
+        warn_if_local_cache(config.cache.url, private)
         return _run(config, run, storage, name, resume, stop_after_epoch, progress, private, started,
                     store.url if store is not None else None)
 

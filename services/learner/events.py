@@ -80,25 +80,41 @@ class EventWriter:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
-        self._drain()
+        if self._thread.is_alive():  # never write from two threads at once
+            print("[mtkd] warning: the run's event writer did not stop within 30 s; the last events may be "
+                  "missing from the run folder", file=sys.stderr)
+        else:
+            self._drain()
         if self._bar is not None:
             self._bar.close()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.handle(self.queue.get(timeout=0.5))
+                event = self.queue.get(timeout=0.5)
             except Empty:
                 continue
+            self._handle_safely(event)
 
     def _drain(self) -> None:
         while True:
             try:
-                self.handle(self.queue.get_nowait())
+                event = self.queue.get_nowait()
             except Empty:
                 return
+            self._handle_safely(event)
+
+    def _handle_safely(self, event: dict) -> None:
+        """:meth:`handle`, with a failure (a full disk, a plot that cannot be drawn) reported and the
+        thread kept alive for the next events."""
+        try:
+            self.handle(event)
+        except Exception as error:  # noqa: BLE001 - one lost record must not stop the others
+            print(f"[mtkd] warning: could not record a {event.get('kind')!r} event in {str(self.run.path)!r}: "
+                  f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
 
     def handle(self, event: dict) -> None:
+        """Apply one event to the run folder and the progress output."""
         kind = event["kind"]
         if kind == "start":
             self.run.truncate(self.run.metrics_path, "epoch", event["epoch"])

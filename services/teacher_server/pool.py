@@ -62,6 +62,7 @@ def start_teacher_actors(config: ExperimentConfig, into: list[list], run_id: str
 
 
 def stop_actors(handles: list[list]) -> None:
+    """Kill every replica in ``handles`` (``[teacher][replica]``); actors already gone are skipped."""
     for replicas in handles:
         for handle in replicas:
             ray.kill(handle, no_restart=True)
@@ -138,4 +139,7 @@ class RayTeacherPool:
         return cache_metrics(stats, self.cache[0].used_bytes())
 
     def close(self) -> None:
+        """Forget the batches in flight and close the cache's connections (the actors keep running)."""
         self._in_flight.clear()
+        if self.cache is not None:
+            self.cache[0].close()

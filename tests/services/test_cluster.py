@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ psutil = pytest.importorskip("psutil")
 from mtkd.config import to_dict  # noqa: E402
 from mtkd.experiment import RunDirectory  # noqa: E402
 from mtkd.runner import run_inprocess  # noqa: E402
+from services.cache import free_port  # noqa: E402
 
 from conftest import needs_fashion, small_experiment  # noqa: E402
 
@@ -33,12 +33,6 @@ pytestmark = [needs_fashion, pytest.mark.ray, pytest.mark.slow]
 VENV_BIN = Path(sys.executable).parent
 # 30 steps per epoch, 2 epochs: agent updates at steps 20, 30, 50, 60 (as in test_ray_runtime.py)
 EQUIVALENCE = ["data.train_subset=960", "data.batch_size=32", "agent.agent_step=20", "runtime.threads=1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def losses(run_dir) -> list[float]:

@@ -224,6 +224,21 @@ def test_a_run_whose_actors_cannot_be_placed_is_refused(tmp_path, teacher_dirs):
         run_ray(config, progress=False)
 
 
+def test_a_teacher_that_fails_to_load_in_its_actor_ends_the_run_with_its_error(tmp_path, teacher_dirs):
+    broken = tmp_path / "broken-teacher"
+    broken.mkdir()
+    for item in Path(teacher_dirs[0]).iterdir():
+        if item.is_file():
+            (broken / item.name).write_bytes(item.read_bytes())
+    weights = broken / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # same size, another digest
+    config = small_experiment(tmp_path / "run", [str(broken), *teacher_dirs[1:]], ["runtime.runtime=ray"])
+    with pytest.raises(ValueError, match=r"^a teacher actor failed to start: CheckpointError: .*digest") as info:
+        run_ray(config, progress=False)
+    assert "\n" not in str(info.value)  # one line, the actor's traceback left out
+    assert not list(ray.util.list_named_actors())  # the other teachers' actors were stopped
+
+
 def test_serve_agent_cli_serves_the_pool_sized_agent(tmp_path, teacher_dirs):
     from services.agent.grpc_server import RemoteAgent
 
