@@ -290,8 +290,8 @@ class TeacherOutputCache:
     samples that were missing. Counts lookups, hits and bytes. A store failure never fails the
     caller: it is logged (once until the store works again) and counts as a miss.
 
-    ``lookup`` and ``save`` are the two halves of ``outputs`` for callers that overlap them with
-    other work (submit the computation on a miss, save what comes back).
+    ``lookup`` and ``save`` are the two halves of ``outputs`` (read the batch; on a miss, store what
+    was computed); each can also be called on its own.
 
     Args:
         store: an :class:`OutputStore`.
