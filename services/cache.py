@@ -3,14 +3,20 @@
 
 The cache only accelerates. A Redis that cannot be reached (at start-up or mid-run) is logged once
 per outage; lookups are then misses and writes are dropped, and the store tries again after
-``retry_after_s``, so a Redis that comes back is used again. Memory is bounded by Redis itself
-(``maxmemory`` with ``allkeys-lru``).
+``retry_after_s``, so a Redis that comes back is used again. A Redis that refuses the password
+(wrong or missing) is handled the same way, with a warning that says so. Memory is bounded by Redis
+itself (``maxmemory`` with ``allkeys-lru``).
+
+The password of a shared Redis comes from the environment variable ``MTKD_REDIS_PASSWORD`` of each
+process that connects (driver, teacher actors, learners), so that no config, command line or Ray
+job entrypoint holds it; a password in the URL itself still wins.
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -30,6 +36,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+PASSWORD_ENV = "MTKD_REDIS_PASSWORD"  # the password of a Redis whose URL has none
 
 
 class RedisServerError(ValueError):  # a user-facing error: the CLI prints one line, exits 2
@@ -45,18 +52,36 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def env_credentials(url: str) -> dict:
+    """redis-py keyword arguments for the password in ``$MTKD_REDIS_PASSWORD``: none when the
+    variable is unset or empty, or when ``url`` holds a password itself (which wins).
+
+    The user is ``default`` unless ``url`` names one (a username in the URL wins too): Redis accepts
+    ``AUTH default <password>`` both from a server with that password and from one without any (a
+    private ``cache.url: local`` server), where a bare ``AUTH <password>`` is an error.
+    """
+    password = os.environ.get(PASSWORD_ENV)
+    if not password or urlsplit(url).password:
+        return {}
+    return {"password": password, "username": "default"}  # redis-py: options in the URL override these
+
+
 class RedisStore:
     """An :class:`mtkd.cache.OutputStore` over redis-py.
 
     Args:
         url: ``redis://[:password@]host:port[/db]``, ``rediss://...`` (TLS) or ``unix:///path.sock``.
+            Without a password in it, the password is ``$MTKD_REDIS_PASSWORD`` of this process, if
+            set (:func:`env_credentials`). It is read where the store is built: a pickled copy (a
+            Ray actor's) reads the environment of its own process, and the password never travels.
         timeout_s: connect and read timeout of every call.
         retry_after_s: after a failure, calls return misses at once for this long, then try again.
         chunk: keys per MGET (the pipeline of one ``get_many`` holds ``ceil(B / chunk)`` MGETs).
 
     Never raises on Redis errors: ``get_many`` returns misses, ``put_many`` drops the writes,
-    ``used_bytes`` returns None; one warning is logged per outage. Thread-safe. Picklable (a copy
-    connects anew), so it can be handed to a Ray actor.
+    ``used_bytes`` returns None; one warning is logged per outage, where a server that refuses the
+    password (wrong or missing: ``AuthenticationError``) counts as one, and says so. Thread-safe.
+    Picklable (a copy connects anew), so it can be handed to a Ray actor.
     """
 
     def __init__(self, url: str, *, timeout_s: float = 2.0, retry_after_s: float = 5.0, chunk: int = 1024):
@@ -66,7 +91,8 @@ class RedisStore:
         # one immediate retry on a fresh connection (a pooled one may be stale after a restart); the
         # outage logic below does the rest, so a dead server costs one refused connect per retry_after_s
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                           retry=Retry(NoBackoff(), 1), decode_responses=False)
+                                           retry=Retry(NoBackoff(), 1), decode_responses=False,
+                                           **env_credentials(url))
         self._lock = threading.Lock()
         self._down_until: float | None = None  # monotonic time of the next try while down
         self._warned_errors: set[str] = set()
@@ -145,7 +171,11 @@ class RedisStore:
             with self._lock:
                 first = self._down_until is None
                 self._down_until = time.monotonic() + self.retry_after_s
-            if first:
+            if first and isinstance(exc, redis.AuthenticationError):  # WRONGPASS, NOAUTH, ... (a ConnectionError)
+                log.warning("redis at %s: authentication failed (%s: %s); set %s to the server's password on "
+                            "every node; computing teacher outputs without the cache (retrying every %gs)",
+                            redacted(self.url), type(exc).__name__, exc, PASSWORD_ENV, self.retry_after_s)
+            elif first:
                 log.warning("redis at %s is unreachable (%s: %s); computing teacher outputs without the cache "
                             "(retrying every %gs)", redacted(self.url), type(exc).__name__, exc, self.retry_after_s)
             return fallback
@@ -305,8 +335,10 @@ def _tail(path: Path, lines: int = 5) -> str:
 def open_store(url: str | None, max_memory_mb: int) -> Iterator[RedisStore | None]:
     """The store of ``cache.url``: None -> None; ``local`` -> a :class:`LocalRedisServer` of
     ``max_memory_mb`` and a store on it (both stopped on exit); ``redis://...``, ``rediss://...``,
-    ``unix://...`` -> a store on that server. An unreachable server at start-up is a warning, not an
-    error; a server without a memory bound or with an evicting policy other than LRU is a warning too.
+    ``unix://...`` -> a store on that server, with the password of ``$MTKD_REDIS_PASSWORD`` when the
+    URL has none (:class:`RedisStore`; the private ``local`` server has none and needs none). An
+    unreachable server at start-up, or one that refuses the password, is a warning, not an error; a
+    server without a memory bound or with an evicting policy other than LRU is a warning too.
 
     Raises:
         ValueError: ``url`` is none of the above.

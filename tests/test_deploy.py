@@ -8,7 +8,9 @@ parser (``services.cli.build_parser``) and, for ``distill`` and ``train-teacher`
 job submit`` and ``ray start`` lines go through Ray's own click commands, the launcher config
 through Ray's own schema. Then the structural facts: head with no CPUs, a CPU learner group, a
 GPU teacher group advertising ``teacher_node``, one shared volume everywhere, the image's pins
-equal to pyproject's. The last tests feed broken copies to the same checks, to show they fail.
+equal to pyproject's, a Redis cache that asks for a password which every Ray node has in its
+environment (``MTKD_REDIS_PASSWORD``, read by mtkd) and which no config, command line or runtime
+environment holds. The last tests feed broken copies to the same checks, to show they fail.
 
 Files are only read: no Docker, no Kubernetes, no network, no Ray started.
 """
@@ -44,6 +46,7 @@ CLUSTER_CONFIG = DEPLOY / "configs" / "mtkd_rl-cifar100-cluster.yaml"
 REHEARSAL_CONFIG = DEPLOY / "configs" / "mtkd_rl-fashion_mnist-rehearsal.yaml"
 SHARED = "/mnt/mtkd"              # the shared storage, mounted at the same path on every node
 GCS_PORT = 6379                   # a Ray head's GCS: never the cache's port
+PASSWORD_VAR = "MTKD_REDIS_PASSWORD"  # the Redis password, in the environment of every Ray process
 
 YAML_FILES = sorted(DEPLOY.rglob("*.yaml"))
 LAUNCHER_COMMAND_KEYS = ("initialization_commands", "setup_commands", "head_setup_commands",
@@ -477,7 +480,24 @@ def cluster_spec_problems(spec: dict, experiment: ExperimentConfig) -> list[str]
         mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
         if claims.get(mounts.get(SHARED)) != shared_claim_name():
             problems.append(f"{name}: the PVC {shared_claim_name()} is not mounted at {SHARED}")
+        # The Redis password, for Ray and so for mtkd in the pod (driver, teachers, learners).
+        if secret_ref(pod["containers"][0], PASSWORD_VAR) != redis_secret():
+            problems.append(f"{name}: {PASSWORD_VAR} does not come from the Redis's Secret {redis_secret()}")
     return problems
+
+
+def secret_ref(container: dict, name: str) -> dict | None:
+    """The ``secretKeyRef`` of the environment variable ``name`` of ``container``, if any."""
+    for variable in container.get("env", []):
+        if variable.get("name") == name:
+            return (variable.get("valueFrom") or {}).get("secretKeyRef")
+    return None
+
+
+def redis_secret() -> dict | None:
+    """The Secret (name, key) that the Redis of deploy/kuberay/redis.yaml takes its password from."""
+    (container,) = k8s_object(KUBERAY / "redis.yaml", "Deployment")["spec"]["template"]["spec"]["containers"]
+    return secret_ref(container, PASSWORD_VAR)
 
 
 def shared_claim_name() -> str:
@@ -535,6 +555,21 @@ def launcher_problems(config: dict, experiment: ExperimentConfig) -> list[str]:
     for key in ("head_setup_commands", "worker_setup_commands"):
         if not any(f" {url.hostname}" in line and "/etc/hosts" in line for line in config.get(key, [])):
             problems.append(f"{key}: nothing maps the cache host {url.hostname} to the head")
+    # The cache asks for a password, read from a file that file_mounts puts on the head.
+    password_file = next((path for path in config.get("file_mounts", {}) if path.endswith("redis_password")), None)
+    if password_file is None or password_file not in starts or "--requirepass" not in starts:
+        problems.append("the head's redis-server must ask for a password (--requirepass) read from a file in "
+                        "file_mounts")
+    if "--protected-mode no" in starts:
+        problems.append("redis-server: leave protected mode on")
+    # Every Ray process, on the head and the workers, inherits the password from `ray start`'s shell.
+    export = ["export", f"{PASSWORD_VAR}=$(cat {password_file})"]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        lines = [shell_segments(line) for line in config.get(key, [])]
+        ray_starts = [line for line in lines if ["ray", "start"] in [s[:2] for s in line]]
+        if not ray_starts or any(export not in line[:[s[:2] for s in line].index(["ray", "start"])]
+                                 for line in ray_starts):
+            problems.append(f"{key}: `ray start` without {PASSWORD_VAR} exported from the password file first")
     return problems
 
 
@@ -687,6 +722,38 @@ def test_kuberay_storage_and_redis():
     assert words[words.index("--maxmemory") + 1] and words[words.index("--maxmemory-policy") + 1] == "allkeys-lru"
     assert words[words.index("--port") + 1] == str(url.port)
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    # A password from a Secret: Kubernetes expands $(VAR) in args from the container's env.
+    assert words[words.index("--requirepass") + 1] == f"$({PASSWORD_VAR})" and "--protected-mode" not in words
+    secret = redis_secret()
+    assert secret and secret.get("name") and secret.get("key"), f"redis.yaml: {PASSWORD_VAR} not from a Secret"
+    # The Ray pods (head, learners, teachers) have it too: cluster_spec_problems, above.
+
+
+def test_no_config_or_command_line_carries_the_redis_password():
+    """mtkd reads the password from MTKD_REDIS_PASSWORD in each process, so it never has to be in a
+    config (saved to the run folder), a command line or a job entrypoint (shown by `ray job list`
+    and the dashboard), or a runtime environment's env_vars (shown in the dashboard)."""
+    for path in sorted((DEPLOY / "configs").glob("*.yaml")):
+        url = (yaml.safe_load(path.read_text()).get("cache") or {}).get("url")
+        assert url is None or urlparse(url).password is None, f"{path.name}: cache.url holds a password"
+    mentions = [c for c in ALL_COMMANDS if not c.error]
+    assert {"rayjob.yaml entrypoint", "docs/cluster.md"} <= {c.where for c in mentions}
+    for command in mentions:
+        line = shlex.join(command.argv)
+        assert PASSWORD_VAR not in line and "REDISCLI_AUTH" not in line, f"{command.where}: mtkd {line}"
+        for override in command.argv:
+            if override.startswith("cache.url="):
+                assert urlparse(override.split("=", 1)[1]).password is None, f"{command.where}: mtkd {line}"
+    job_env = yaml.safe_load(rayjob()["spec"].get("runtimeEnvYAML") or "{}") or {}
+    runtime_env = yaml.safe_load((DEPLOY / "runtime_env.yaml").read_text())
+    for where, env in (("runtime_env.yaml", runtime_env), ("rayjob.yaml", job_env)):
+        names = (env or {}).get("env_vars") or {}
+        assert not [n for n in names if "PASSWORD" in n.upper() or "AUTH" in n.upper()], f"{where}: env_vars {names}"
+    # Nor a URL with a password, nor the variable expanded into a command, anywhere in deploy/ or the docs.
+    for path in [*YAML_FILES, DOCS, REPO / "docs" / "distributed.md"]:
+        text = path.read_text()
+        assert not re.search(r"rediss?://[^/\s@]*:[^/\s@]*@", text), f"{path.name}: a Redis URL with a password"
+        assert "${%s}" % PASSWORD_VAR not in text and "$%s@" % PASSWORD_VAR not in text, path.name
 
 
 def test_one_image_everywhere():
@@ -796,6 +863,9 @@ def _drop_teacher_resource(spec):
     (lambda s: s.update(rayVersion="2.9.0"), "rayVersion"),
     (lambda s: s["workerGroupSpecs"][0].update(maxReplica=4), "not a WorkerGroupSpec field"),
     (lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0].pop("volumeMounts"), "is not mounted"),
+    (lambda s: s["workerGroupSpecs"][-1]["template"]["spec"]["containers"][0].pop("env"), "MTKD_REDIS_PASSWORD"),
+    (lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]
+     .update(name="other"), "MTKD_REDIS_PASSWORD"),
 ])
 def test_cluster_spec_check_fails_on_a_broken_spec(mutate, message):
     spec = copy.deepcopy(raycluster()["spec"])
@@ -812,6 +882,17 @@ def test_cluster_spec_check_fails_on_a_broken_spec(mutate, message):
     (lambda c: c.update(setup_command=[]), "schema"),
     (lambda c: c["docker"].update(run_options=[]), f"mount {SHARED}"),
     (lambda c: c.update(head_start_ray_commands=c["head_start_ray_commands"][-1:]), "redis-server"),
+    (lambda c: c.update(head_start_ray_commands=[line.replace(' --requirepass "$REDISCLI_AUTH"', "")
+                                                 for line in c["head_start_ray_commands"]]), "--requirepass"),
+    (lambda c: c.update(head_start_ray_commands=[line.replace("--bind 0.0.0.0", "--bind 0.0.0.0 --protected-mode no")
+                                                 for line in c["head_start_ray_commands"]]), "protected mode"),
+    (lambda c: c["file_mounts"].pop("/home/ray/.mtkd/redis_password"), "--requirepass"),
+    (lambda c: c.update(worker_start_ray_commands=[line.split("; ", 1)[-1] if "ray start" in line else line
+                                                   for line in c["worker_start_ray_commands"]]),
+     "worker_start_ray_commands: `ray start` without MTKD_REDIS_PASSWORD"),
+    (lambda c: c.update(head_start_ray_commands=[line.replace("export MTKD_REDIS_PASSWORD", "MTKD_REDIS_PASSWORD")
+                                                 for line in c["head_start_ray_commands"]]),
+     "head_start_ray_commands: `ray start` without MTKD_REDIS_PASSWORD"),
 ])
 def test_launcher_check_fails_on_a_broken_config(mutate, message):
     config = copy.deepcopy(launcher())

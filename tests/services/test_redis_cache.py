@@ -318,3 +318,52 @@ def test_a_forgotten_local_server_stops_at_interpreter_exit():
     assert result.returncode == 0, result.stderr
     pid, port = map(int, result.stdout.split())
     assert gone(pid) and refuses(port)
+
+
+def test_the_password_comes_from_the_environment(by_hand, caplog, monkeypatch):
+    """A URL without a password takes $MTKD_REDIS_PASSWORD (so no config or command line holds it);
+    a password in the URL wins; the private ``local`` server, which has none, accepts any."""
+    port, _, client = by_hand
+    url = f"redis://127.0.0.1:{port}/0"
+    monkeypatch.setenv("MTKD_REDIS_PASSWORD", "s3cret")
+    teacher = RealTeacher()
+    with caplog.at_level(logging.WARNING), open_store(url, 16) as store:
+        first = run_epochs(TeacherOutputCache(store, teacher.layout(), "float32"), teacher)
+        copy = pickle.loads(pickle.dumps(store))  # what a Ray actor gets: no password in it, read again there
+        assert copy.url == url and "s3cret" not in repr(pickle.dumps(store))
+        calls = teacher.calls
+        assert_same(run_epochs(TeacherOutputCache(copy, teacher.layout(), "float32"), teacher), first)
+        assert teacher.calls == calls and client.dbsize() > 0  # every output served by the protected Redis
+    assert "authentication" not in caplog.text and "unreachable" not in caplog.text
+    monkeypatch.setenv("MTKD_REDIS_PASSWORD", "wrong")
+    assert RedisStore(f"redis://:s3cret@127.0.0.1:{port}/0").get_many(["x"]) == [None]  # the URL's wins
+    assert RedisStore(f"redis://:s3cret@127.0.0.1:{port}/0").ping()
+    with open_store("local", 16) as store:
+        store.put_many({"a": b"1"})
+        assert store.get_many(["a"]) == [b"1"] and store.available
+    assert "authentication" not in caplog.text and "unreachable" not in caplog.text
+
+
+@pytest.mark.parametrize("password", ["wrong", None])
+def test_a_refused_password_warns_once_and_the_outputs_are_computed(by_hand, caplog, monkeypatch, password):
+    """A wrong or missing password is an outage: one warning that says authentication failed, then
+    every output computed, the same numbers as without a cache; the run does not stop."""
+    port, _, client = by_hand
+    if password is None:
+        monkeypatch.delenv("MTKD_REDIS_PASSWORD", raising=False)
+    else:
+        monkeypatch.setenv("MTKD_REDIS_PASSWORD", password)
+    teacher = RealTeacher()
+    expected = reference(teacher)
+    calls = teacher.calls
+    with caplog.at_level(logging.WARNING), open_store(f"redis://127.0.0.1:{port}/0", 16) as store:
+        cache = TeacherOutputCache(store, teacher.layout(), "float32")
+        assert_same(run_epochs(cache, teacher), expected)
+        assert_same(run_epochs(cache, teacher), expected)
+        assert cache.take_stats()["hits"] == 0 and not store.available and store.used_bytes() is None
+    assert teacher.calls == calls + 2 * 12  # every batch computed, twice
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"redis at redis://127.0.0.1:{port}/0: authentication failed (AuthenticationError" in warnings[0]
+    assert "set MTKD_REDIS_PASSWORD" in warnings[0] and "computing teacher outputs without the cache" in warnings[0]
+    assert client.dbsize() == 0
