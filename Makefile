@@ -33,7 +33,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -ra
 
-# Library tests only: no Ray, no servers.
+# Skips the slow end-to-end and Ray tests (gRPC servers and redis-server on loopback still run).
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not ray"
 
