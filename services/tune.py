@@ -477,13 +477,22 @@ def tune_trial(params: dict, *, experiment: dict, teacher_handles: list[list], c
                           half_precision=rt.half_precision, max_in_flight=rt.prefetch + 1, cache=cache)
     distiller = Distiller(config, pool, train_set.num_classes, train_set.image_shape, device=device)
     found = newest_checkpoint(Path(experiment_path) / f"trial_{tune.get_context().get_trial_id()}")
-    if found is None and tune.get_checkpoint() is not None:  # storage this process cannot list
+    known_epoch = 0  # the newest epoch Tune's own (saved now and then) state knows of
+    if tune.get_checkpoint() is not None:
         with tune.get_checkpoint().as_directory() as folder:
-            found = (*load_checkpoint(Path(folder)), Path(folder))
+            known = (*load_checkpoint(Path(folder)), Path(folder))
+            known_epoch = int(known[1].get("epoch", 0))
+            found = found or known  # storage this process cannot list
     if found is not None:
-        state, meta, _ = found
+        state, meta, folder = found
         check_resumable(meta, distiller.descriptions, config.student)
         distiller.load_state_dict(state)
+        if int(meta.get("epoch", 0)) > known_epoch and meta.get("metrics"):
+            # killed after the checkpoint was written but before Tune saved its state: report that
+            # epoch again, so that Tune (the table, ASHA) knows where the trial is
+            with tempfile.TemporaryDirectory(prefix="mtkd-tune-") as copy:
+                shutil.copytree(folder, copy, dirs_exist_ok=True)
+                tune.report(scalar_metrics(meta["metrics"]), checkpoint=tune.Checkpoint.from_directory(copy))
 
     def report(metrics: dict) -> None:
         with tempfile.TemporaryDirectory(prefix="mtkd-tune-") as folder:

@@ -42,3 +42,33 @@ def small_experiment(output_dir, teacher_dirs, overrides: list[str] = ()) -> Exp
     ])
     config.teachers = [TeacherSpec(checkpoint=d) for d in teacher_dirs]
     return config
+
+
+# 30 steps per epoch, 2 epochs: the agent updates at steps 20, 30 (epoch end), 50 and 60 and acts
+# from step 31 on (epoch 1 is the warm-up). One torch thread, like every Ray worker.
+EQUIVALENCE = ["data.train_subset=960", "data.batch_size=32", "agent.agent_step=20", "runtime.threads=1"]
+
+
+def step_losses(run_dir) -> list[float]:
+    """The per-step losses a run wrote (``steps.jsonl``)."""
+    from mtkd.experiment import RunDirectory
+
+    run = RunDirectory(run_dir)
+    return [s["loss"] for s in run.read(run.steps_path)]
+
+
+@pytest.fixture(scope="module")
+def inprocess_reference(tmp_path_factory, teacher_dirs) -> list[float]:
+    """The in-process engine's per-step losses on the :data:`EQUIVALENCE` experiment (the reference
+    the Ray runtime must reproduce to a relative 1e-6)."""
+    import torch
+
+    from mtkd.runner import run_inprocess
+
+    threads = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("inprocess")
+    try:
+        run_inprocess(small_experiment(out, teacher_dirs, EQUIVALENCE), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return step_losses(out)

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 ray = pytest.importorskip("ray")
@@ -24,20 +23,12 @@ psutil = pytest.importorskip("psutil")
 
 from mtkd.config import to_dict  # noqa: E402
 from mtkd.experiment import RunDirectory  # noqa: E402
-from mtkd.runner import run_inprocess  # noqa: E402
 from services.cache import free_port  # noqa: E402
 
-from conftest import needs_fashion, small_experiment  # noqa: E402
+from conftest import EQUIVALENCE, needs_fashion, small_experiment, step_losses  # noqa: E402
 
 pytestmark = [needs_fashion, pytest.mark.ray, pytest.mark.slow]
 VENV_BIN = Path(sys.executable).parent
-# 30 steps per epoch, 2 epochs: agent updates at steps 20, 30, 50, 60 (as in test_ray_runtime.py)
-EQUIVALENCE = ["data.train_subset=960", "data.batch_size=32", "agent.agent_step=20", "runtime.threads=1"]
-
-
-def losses(run_dir) -> list[float]:
-    run = RunDirectory(run_dir)
-    return [s["loss"] for s in run.read(run.steps_path)]
 
 
 def kill_processes_under(folder: str) -> None:
@@ -109,17 +100,6 @@ def test_ray_job_submit_runs_mtkd_distill_on_the_cluster_without_an_address(tmp_
     assert run.latest_checkpoint().name == "epoch_0002"
 
 
-@pytest.fixture(scope="module")
-def inprocess_reference(tmp_path_factory, teacher_dirs):
-    threads = torch.get_num_threads()
-    out = tmp_path_factory.mktemp("inprocess")
-    try:
-        run_inprocess(small_experiment(out, teacher_dirs, EQUIVALENCE), progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return losses(out)
-
-
 def test_three_node_cluster_places_teachers_and_learner_by_resources(tmp_path, teacher_dirs, inprocess_reference):
     from ray.cluster_utils import Cluster
 
@@ -158,7 +138,7 @@ def test_three_node_cluster_places_teachers_and_learner_by_resources(tmp_path, t
         cluster.shutdown()
     assert len(placements) == 2 and set(placements.values()) == {teacher_node.node_id}
     assert {m["learner/node_id"] for m in summary["history"]} == {learner_node.node_id}
-    got = losses(tmp_path)
+    got = step_losses(tmp_path)
     assert len(got) == len(inprocess_reference) == 60
     for step, (a, b) in enumerate(zip(got, inprocess_reference), start=1):
         assert abs(a - b) <= 1e-6 * abs(b), f"step {step}: {a} vs {b}"

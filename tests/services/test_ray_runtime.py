@@ -19,16 +19,12 @@ from mtkd.checkpoint import CheckpointError  # noqa: E402
 from mtkd.config import TeacherSpec  # noqa: E402
 from mtkd.engine import NonFiniteLossError  # noqa: E402
 from mtkd.experiment import RunDirectory  # noqa: E402
-from mtkd.runner import run_inprocess  # noqa: E402
 from services.learner.driver import run_ray  # noqa: E402
 
-from conftest import needs_fashion, small_experiment  # noqa: E402
+from conftest import EQUIVALENCE, needs_fashion, small_experiment, step_losses  # noqa: E402
 
 pytestmark = [needs_fashion, pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
-# 30 steps per epoch, 2 epochs: the agent updates at steps 20, 30 (epoch end), 50 and 60 and acts
-# from step 31 on (epoch 1 is the warm-up).
-EQUIVALENCE = ["data.train_subset=960", "data.batch_size=32", "agent.agent_step=20", "runtime.threads=1"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,27 +54,10 @@ def start_server(args: list[str], port_file: Path, env: dict | None = None) -> s
     return server
 
 
-def step_losses(run_dir) -> list[float]:
-    run = RunDirectory(run_dir)
-    return [s["loss"] for s in run.read(run.steps_path)]
-
-
 def assert_same_losses(a: list[float], b: list[float]) -> None:
     assert len(a) == len(b) >= 50
     for step, (x, y) in enumerate(zip(a, b), start=1):
         assert abs(x - y) <= 1e-6 * abs(x), f"step {step}: {x} vs {y}"
-
-
-@pytest.fixture(scope="module")
-def inprocess_reference(tmp_path_factory, teacher_dirs):
-    """The reference engine's per-step losses (1 thread, like every Ray worker)."""
-    threads = torch.get_num_threads()
-    out = tmp_path_factory.mktemp("inprocess")
-    try:
-        run_inprocess(small_experiment(out, teacher_dirs, EQUIVALENCE), progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return step_losses(out)
 
 
 def test_ray_runtime_equals_inprocess_engine(tmp_path, teacher_dirs, inprocess_reference):
