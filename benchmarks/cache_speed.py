@@ -27,7 +27,6 @@ bf16 teachers store 2-byte values). Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -45,8 +44,8 @@ from mtkd.teachers import LocalTeacherPool
 from services.cache import LocalRedisServer, RedisStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import (DEFAULT_TEACHERS, QUICK_TEACHERS, experiment, load_average, random_teachers,  # noqa: E402
-                       teacher_models)
+from step_time import (DEFAULT_TEACHERS, QUICK_TEACHERS, experiment, load_average, print_report,  # noqa: E402
+                       random_teachers, teacher_models)
 
 RUNS = ("cold", "warm", "none")
 
@@ -164,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                     report["ray"] = on_ray(args, teacher_dirs, server, tmp)
             finally:
                 store.close()
-    report["wall_s"] = round(time.perf_counter() - began, 1)
-    report["load_average_1min_before_after"] = [load_before, load_average()]
-    print(json.dumps(report, indent=2))
-    return 0
+    return print_report(report, began, load_before)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ Prints one JSON object: samples/s per R, ratios to 1 replica, the ideal and meas
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -51,7 +50,7 @@ from services.teacher_server.actor import outputs_to_wire
 from services.teacher_server.pool import RayTeacherPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import load_average, random_teachers  # noqa: E402  (a sibling script)
+from step_time import load_average, print_report, random_teachers  # noqa: E402  (a sibling script)
 
 TIMEOUT_S = 300.0
 
@@ -218,11 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         "learner_cap_samples_per_s": round(learner_cap, 2),
         "replicas": per_r,
         "replica_stats": actor_stats,
-        "wall_s": round(time.perf_counter() - began, 1),
-        "load_average_1min_before_after": [load_before, load_average()],
     }
-    print(json.dumps(report, indent=2))
-    return 0
+    return print_report(report, began, load_before)
 
 
 if __name__ == "__main__":

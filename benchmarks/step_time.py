@@ -117,6 +117,15 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def print_report(report: dict, began: float, load_before: float) -> int:
+    """Add the wall time since ``began`` and the 1-minute load average before and now to ``report``,
+    print it as one JSON object; returns the exit code (0)."""
+    report["wall_s"] = round(time.perf_counter() - began, 1)
+    report["load_average_1min_before_after"] = [load_before, load_average()]
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def teacher_models(folders: list[str]) -> list[str]:
     return [json.loads((Path(f) / "meta.json").read_text())["model"] for f in folders]
 
@@ -367,10 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             "equal_threads": "Ray workers run torch with 1 thread: compare Ray with inprocess_1thread",
         }
         report.update(run(args, teacher_dirs, tmp))
-    report["wall_s"] = round(time.perf_counter() - began, 1)
-    report["load_average_1min_before_after"] = [load_before, load_average()]
-    print(json.dumps(report, indent=2))
-    return 0
+    return print_report(report, began, load_before)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ teacher the agent trusted for which class.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -17,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from mtkd.checkpoint import CheckpointError
 from mtkd.config import (ExperimentConfig, TeacherSpec, TeacherTrainConfig, apply_overrides, from_dict, read_yaml,
@@ -136,8 +136,6 @@ def run_students(demo: DemoConfig, teachers: list[dict], runtime: str) -> dict[s
 
 def shared_cache(demo: DemoConfig):
     """A private Redis for the student runs (or nothing, with a note, when redis-server is missing)."""
-    import contextlib
-
     from services.cache import open_store
 
     if not demo.share_teacher_outputs:
@@ -154,7 +152,7 @@ def draw(demo: DemoConfig, runs: dict[str, dict], teachers: list[dict]) -> dict[
     out = Path(demo.output_dir)
     plots = {"comparison": out / "comparison.png"}
     plot_comparison({s: r["history"] for s, r in runs.items()}, plots["comparison"])
-    agent_run = next((r for s, r in runs.items() if s == "mtkd_rl"), None)
+    agent_run = runs.get("mtkd_rl")
     if agent_run and agent_run["history"] and "class_weights/logit" in agent_run["history"][-1]:
         last = agent_run["history"][-1]
         names = load_dataset(demo.student.data.name, demo.student.data.root, "test").class_names

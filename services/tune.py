@@ -454,6 +454,7 @@ def tune_trial(params: dict, *, experiment: dict, teacher_handles: list[list], c
     from ray import tune
 
     from mtkd.cache import CacheContext, dataset_cache_id
+    from mtkd.checkpoint import META_FILE, read_json
     from mtkd.distill import STRATEGIES
     from mtkd.engine import Distiller, teacher_fields
     from mtkd.experiment import eval_loader, load_checkpoint, load_data, save_checkpoint, train_loader
@@ -480,9 +481,11 @@ def tune_trial(params: dict, *, experiment: dict, teacher_handles: list[list], c
     known_epoch = 0  # the newest epoch Tune's own (saved now and then) state knows of
     if tune.get_checkpoint() is not None:
         with tune.get_checkpoint().as_directory() as folder:
-            known = (*load_checkpoint(Path(folder)), Path(folder))
-            known_epoch = int(known[1].get("epoch", 0))
-            found = found or known  # storage this process cannot list
+            if found is None:  # storage this process cannot list
+                found = (*load_checkpoint(Path(folder)), Path(folder))
+                known_epoch = int(found[1].get("epoch", 0))
+            else:  # only its epoch is needed: the metadata, not the tensors
+                known_epoch = int(read_json(Path(folder) / META_FILE).get("epoch", 0))
     if found is not None:
         state, meta, folder = found
         check_resumable(meta, distiller.descriptions, config.student)

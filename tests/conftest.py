@@ -14,6 +14,18 @@ needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="apt-get install
 TEACHER_MODELS = ("resnet8", "vgg8")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (small batches gain nothing from threads, and one thread
+    does not oversubscribe a busy CI machine); the count is restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def teacher_dirs(tmp_path_factory) -> list[str]:
     """Two different small teachers (7x7 and 3x3 feature maps), one epoch on 1536 samples each."""

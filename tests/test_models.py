@@ -16,13 +16,7 @@ NUM_CLASSES = 7
 INPUTS = [(1, 28), (3, 32), (3, 16)]  # (in_channels, H = W): Fashion-MNIST, CIFAR, the smallest
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Batch-2 models gain nothing from threads, and one thread avoids oversubscribing busy CI."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

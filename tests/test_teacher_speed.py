@@ -17,12 +17,7 @@ from mtkd.teachers import Teacher
 CLASSES = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def trained_looking(name: str, seed: int = 0) -> nn.Module:

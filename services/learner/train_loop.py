@@ -131,9 +131,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
         hooks = FitHooks(write=False, progress=False, evaluate=rank == 0, after_step=events.step, after_epoch=report)
-        fit(distiller, train_ld, eval_loader(test_set, config.data), None, train_set, hooks,
-            loop_config.get("stop_after_epoch"))
-        pool.close()
+        try:
+            fit(distiller, train_ld, eval_loader(test_set, config.data), None, train_set, hooks,
+                loop_config.get("stop_after_epoch"))
+        finally:
+            pool.close()
     except USER_ERRORS as error:
         return {"error": {"type": type(error).__name__, "message": str(error)}}
     return {"epochs": distiller.epoch}
