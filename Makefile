@@ -23,7 +23,9 @@ $(STAMPS)/venv: pyproject.toml
 	@echo "[setup] python venv in .venv and pip install -e .[service,test]"
 	@[ -x $(PY) ] || python3 -m venv .venv
 	@$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	@$(PY) -m pip install -q -e '.[service,test]' 2>&1 | grep -v "^WARNING: Location" || true
+	@# setuptools' notice about editable installs is information only: silenced at its source
+	@PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e '.[service,test]' 2>&1 \
+	  | grep -v "^WARNING: Location" || true
 	@$(PY) -c "import mtkd, torch, ray, grpc" || { echo "[setup] install failed"; exit 1; }
 	@touch $@
 

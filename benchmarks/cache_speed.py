@@ -47,6 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import (DEFAULT_TEACHERS, QUICK_TEACHERS, experiment, load_average, print_report,  # noqa: E402
                        random_teachers, teacher_models)
 
+# set before Ray starts: Ray Train polls its workers every 2 s by default, and a short epoch would wait for it
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
 RUNS = ("cold", "warm", "none")
 
 

@@ -59,6 +59,9 @@ from mtkd.models import create_model
 from mtkd.runner import load_local_pool
 from mtkd.teachers import save_teacher
 
+# set before Ray starts: Ray Train polls its workers every 2 s by default, and a short epoch would wait for it
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEACHERS = ("resnet20", "vgg8", "wrn_16_2")
 QUICK_TEACHERS = ("resnet8", "vgg8")

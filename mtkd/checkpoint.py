@@ -11,13 +11,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mtkd.errors import UserError
+
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "meta.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or does not match what it is loaded into."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint is missing, corrupt, or does not match what it is loaded into (CLI exit 2)."""
 
 
 def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:

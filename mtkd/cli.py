@@ -1,7 +1,12 @@
 """The library's command line: ``train-teacher``, ``eval`` and ``distill --runtime inprocess``.
 
 The installed ``mtkd`` console script (``services.cli``) extends this parser with the Ray runtime,
-``serve-teacher``, ``serve-agent`` and ``demo``; ``python -m mtkd.cli`` works without Ray.
+``serve-teacher``, ``demo`` and ``tune``; ``python -m mtkd.cli`` works without Ray.
+
+Exit codes: 0 done; 2 a user error (:class:`mtkd.errors.UserError`: bad config, missing or corrupt
+checkpoint or data, mismatched pool), one line on stderr; 3 a numeric error
+(:class:`mtkd.errors.NumericError`: NaN/inf loss), one line; anything else is a bug and shows
+its traceback.
 """
 from __future__ import annotations
 
@@ -10,15 +15,15 @@ import json
 import sys
 from typing import Callable
 
-from mtkd.checkpoint import CheckpointError
-from mtkd.config import ConfigError, ExperimentConfig, TeacherTrainConfig, load_config
+from mtkd import errors
+from mtkd.config import ConfigError, ExperimentConfig, TeacherTrainConfig, check_runnable, load_config
 from mtkd.distill.agent import AgentUpdateError
-from mtkd.engine import NonFiniteLossError, PoolMismatchError
-from mtkd.registry import UnknownNameError
 
-NUMERIC_ERRORS = (NonFiniteLossError, AgentUpdateError)  # the run's numbers went wrong: exit 3
-USER_ERRORS = (ConfigError, CheckpointError, *NUMERIC_ERRORS, PoolMismatchError, UnknownNameError,
-               FileNotFoundError, FileExistsError, ValueError)
+# Until mtkd/distill/agent.py derives it from mtkd.errors.NumericError, AgentUpdateError is listed here.
+NUMERIC_ERRORS = (*errors.NUMERIC_ERRORS, AgentUpdateError)
+"""Exit 3: the run's numbers went wrong."""
+USER_ERRORS = errors.USER_ERRORS
+"""Exit 2: the user asked for something that cannot be done (caught after :data:`NUMERIC_ERRORS`)."""
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +39,9 @@ def load_experiment(args: argparse.Namespace) -> ExperimentConfig:
             raise ConfigError("--resume takes the run's saved config; pass overrides only, not --config")
         path = f"{args.resume}/config.yaml"
         args.overrides = [*args.overrides, f"output_dir={args.resume}"]
-    return load_config(ExperimentConfig, path, args.overrides)
+    config = load_config(ExperimentConfig, path, args.overrides)
+    check_runnable(config)
+    return config
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> dict:
@@ -91,18 +98,24 @@ def build_parser(distill: Callable[[argparse.Namespace], dict] = cmd_distill_inp
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line (its lines joined with ``; ``)."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    """Parse, run, print the JSON summary; user errors print one line and exit 2 (a NaN loss or a
-    failed agent update: 3)."""
+    """Parse, run, print the JSON summary. A user error prints one line and returns 2, a numeric
+    error (NaN loss, failed agent update) one line and 3; any other exception is a bug and propagates
+    with its traceback."""
     args = parser.parse_args(argv)
     try:
         summary = args.func(args)
     except NUMERIC_ERRORS as exc:
-        print(f"mtkd: error: {exc} (the last good checkpoint is kept)", file=sys.stderr)
-        return 3
+        print(f"mtkd: error: {one_line(exc)} (the last good checkpoint is kept)", file=sys.stderr)
+        return errors.NUMERIC_EXIT
     except USER_ERRORS as exc:
-        print(f"mtkd: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"mtkd: error: {one_line(exc)}", file=sys.stderr)
+        return errors.USER_EXIT
     if summary is not None:
         print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -1,13 +1,18 @@
 """Typed experiment configuration: dataclasses loaded from YAML with ``yaml.safe_load``.
 
 Every section is a dataclass whose fields are documented where they are declared. Unknown
-keys are rejected with the list of valid ones; values are checked against the field types;
-``key.sub=value`` overrides (values parsed as YAML scalars) apply on top of a file.
+keys are rejected with the list of valid ones; values are checked against the field types, then
+against their bounds and registries (strategy, agent rule, model and dataset names) when the
+section is built, so a bad value fails at load with one :class:`ConfigError` naming the key, what
+it got and what it expects. ``key.sub=value`` overrides (values parsed as YAML scalars) apply on
+top of a file.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,19 +21,73 @@ from typing import Any
 
 import yaml
 
+from mtkd.errors import UserError
 
-class ConfigError(ValueError):
-    """A configuration file or override is invalid. The message names the key."""
+
+class ConfigError(UserError, ValueError):
+    """A configuration file, override or command-line value is invalid (CLI exit 2). The message
+    names the key, what it got and what it expects."""
 
 
 RUNTIMES = ("ray", "inprocess")
+CACHE_SCHEMES = ("redis", "rediss", "unix")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("step", "onecycle")
+SEED_LIMIT = 2**32  # seeds are in [0, 2**32), as numpy and most tools take them
 
 
 def _choice(where: str, value: Any, valid: tuple[str, ...]) -> None:
     if isinstance(value, str) and value not in valid:
         raise ConfigError(f"{where}: unknown value {value!r} (valid: {', '.join(valid)})")
+
+
+def _one_of(where: str, value: Any, valid: tuple[str, ...]) -> None:
+    """Raise unless ``value`` is one of ``valid`` (the message lists them)."""
+    if isinstance(value, str) and value not in valid:
+        raise ConfigError(f"{where}: expected one of {', '.join(valid)}, got {value!r}")
+
+
+def _registered(where: str, name: Any, registry: Any) -> None:
+    """Raise unless ``name`` is in ``registry``; the message is the registry's (close matches, valid names)."""
+    from mtkd.registry import UnknownNameError
+
+    if isinstance(name, str):
+        try:
+            registry.get(name)
+        except UnknownNameError as error:
+            raise ConfigError(f"{where}: {error}") from None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _at_least(where: str, value: Any, low: float, strict: bool = False) -> None:
+    """Raise unless ``value >= low`` (``> low`` when ``strict``); NaN fails too."""
+    if _number(value) and not (value > low if strict else value >= low):
+        raise ConfigError(f"{where}: must be {'>' if strict else '>='} {_fmt(low)}, got {value!r}")
+
+
+def _in_range(where: str, value: Any, low: float, high: float) -> None:
+    """Raise unless ``low <= value < high``."""
+    if _number(value) and not low <= value < high:
+        raise ConfigError(f"{where}: must be in [{_fmt(low)}, {_fmt(high)}), got {value!r}")
+
+
+def _fmt(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
+def _optional_at_least(where: str, value: Any, low: float, strict: bool = False) -> None:
+    if value is not None:
+        _at_least(where, value, low, strict)
+
+
+def _amounts(where: str, resources: Any) -> None:
+    """Custom Ray resources: each amount a number >= 0."""
+    if isinstance(resources, dict):
+        for name, amount in resources.items():
+            _at_least(f"{where}.{name}", amount, 0)
 
 
 def check_device(value: Any, where: str = "device") -> None:
@@ -66,11 +125,18 @@ class DataConfig:
     (0: a fresh augmentation every epoch, the reference recipe)."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "eval_batch_size"):
-            if isinstance(getattr(self, name), int) and getattr(self, name) < 1:
-                raise ConfigError(f"data.{name}: expected an int >= 1, got {getattr(self, name)}")
-        if isinstance(self.augment_bank, int) and self.augment_bank < 0:
-            raise ConfigError(f"data.augment_bank: expected an int >= 0, got {self.augment_bank}")
+        from mtkd.data import DATASETS
+
+        _registered("data.name", self.name, DATASETS)
+        if self.name == "image_folder" and not self.root:
+            raise ConfigError("data.root: data.name=image_folder needs a folder root/<split>/<class>/*.png|jpg, got "
+                              "None")
+        _optional_at_least("data.train_subset", self.train_subset, 1)
+        _optional_at_least("data.test_subset", self.test_subset, 1)
+        _at_least("data.batch_size", self.batch_size, 1)
+        _at_least("data.eval_batch_size", self.eval_batch_size, 1)
+        _at_least("data.crop_padding", self.crop_padding, 0)
+        _at_least("data.augment_bank", self.augment_bank, 0)
 
 
 @dataclass
@@ -96,6 +162,16 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _choice("optim.schedule", self.schedule, SCHEDULES)
+        _at_least("optim.epochs", self.epochs, 0)
+        _at_least("optim.lr", self.lr, 0, strict=True)
+        _in_range("optim.momentum", self.momentum, 0, 1)
+        if self.nesterov is True and _number(self.momentum) and self.momentum == 0:
+            raise ConfigError("optim.nesterov: Nesterov needs momentum; expected optim.momentum > 0 or "
+                              "optim.nesterov=false, got optim.momentum=0")
+        _at_least("optim.weight_decay", self.weight_decay, 0)
+        for i, milestone in enumerate(self.milestones if isinstance(self.milestones, list) else []):
+            _at_least(f"optim.milestones[{i}]", milestone, 0)
+        _at_least("optim.gamma", self.gamma, 0, strict=True)
 
 
 @dataclass
@@ -121,6 +197,24 @@ class TeacherSpec:
     root_cert: str | None = None
     """PEM certificate (CA or self-signed) of a served teacher: connect with TLS."""
 
+    def check(self, where: str) -> None:
+        """Raise :class:`ConfigError` for a bad value; ``where`` (``teachers[i]``) prefixes each key."""
+        if bool(self.checkpoint) == bool(self.address):
+            got = f"both ({self.checkpoint!r}, {self.address!r})" if self.checkpoint else "neither"
+            raise ConfigError(f"{where}: expected exactly one of checkpoint and address, got {got}")
+        if isinstance(self.address, str):
+            host, _, port = self.address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise ConfigError(f"{where}.address: must be host:port with a port in 1..65535, got {self.address!r}")
+        for name in ("token_file", "root_cert"):
+            if getattr(self, name) and not self.address:
+                raise ConfigError(f"{where}.{name}: only a served teacher (address) takes one, got "
+                                  f"{getattr(self, name)!r} with checkpoint {self.checkpoint!r}")
+        _at_least(f"{where}.replicas", self.replicas, 1)
+        _optional_at_least(f"{where}.num_cpus", self.num_cpus, 0)
+        _optional_at_least(f"{where}.num_gpus", self.num_gpus, 0)
+        _amounts(f"{where}.resources", self.resources)
+
 
 @dataclass
 class DistillConfig:
@@ -133,11 +227,21 @@ class DistillConfig:
     warmup_epochs: int = 1
     """mtkd_rl: epochs during which all teacher weights are 1 and the agent does not act."""
 
+    def __post_init__(self) -> None:
+        from mtkd.distill import STRATEGIES
+
+        _registered("distill.strategy", self.strategy, STRATEGIES)
+        _at_least("distill.temperature", self.temperature, 0, strict=True)
+        _at_least("distill.beta", self.beta, 0)
+        _at_least("distill.warmup_epochs", self.warmup_epochs, 0)
+
 
 @dataclass
 class AgentConfig:
-    rule: str = "reference"
-    """Agent update rule: reference (authors' code, default) or reinforce (paper's policy gradient)."""
+    rule: str = "meta"
+    """Agent update rule: meta (default: teacher weights learnt from what the student's update did on
+    the next batch, docs/method.md), reference (the authors' code, exact) or reinforce (the paper's
+    policy gradient)."""
     mixing: str = "static"
     """static: w = (a + c + g) / 3; dynamic: learned softmax mixing coefficients."""
     agent_step: int = 1000
@@ -146,6 +250,21 @@ class AgentConfig:
     """Agent SGD learning rate (no momentum, no weight decay)."""
     concentration: float = 10.0
     """reinforce rule: per-teacher Dirichlet concentration."""
+    meta_lr: float = 3.0
+    """meta rule: SGD learning rate of the teacher-score policy (one step per student step)."""
+    meta_decay: float = 0.0
+    """meta rule: weight decay of the policy, a pull of the weights towards equal (``aver``)."""
+
+    def __post_init__(self) -> None:
+        from mtkd.distill.agent import MIXINGS, RULES
+
+        _one_of("agent.rule", self.rule, tuple(RULES))
+        _one_of("agent.mixing", self.mixing, tuple(MIXINGS))
+        _at_least("agent.agent_step", self.agent_step, 1)
+        _at_least("agent.lr", self.lr, 0, strict=True)
+        _at_least("agent.concentration", self.concentration, 0, strict=True)
+        _at_least("agent.meta_lr", self.meta_lr, 0, strict=True)
+        _at_least("agent.meta_decay", self.meta_decay, 0)
 
 
 @dataclass
@@ -201,13 +320,19 @@ class RuntimeConfig:
         check_device(self.device, "runtime.device")
         _choice("runtime.teacher_precision", self.teacher_precision, ("auto", *PRECISIONS))
         _choice("runtime.student_precision", self.student_precision, ("fp32", "bf16"))
-        for name in ("num_learners",):
-            if isinstance(getattr(self, name), int) and getattr(self, name) < 1:
-                raise ConfigError(f"runtime.{name}: expected an int >= 1, got {getattr(self, name)}")
-        if isinstance(self.prefetch, int) and self.prefetch < 0:
-            raise ConfigError(f"runtime.prefetch: expected an int >= 0, got {self.prefetch}")
-        if isinstance(self.max_failures, int) and self.max_failures < -1:
-            raise ConfigError(f"runtime.max_failures: expected an int >= -1, got {self.max_failures}")
+        several = _number(self.num_learners) and self.num_learners > 1
+        if self.sync_batchnorm is True and self.device == "cpu" and several:
+            raise ConfigError("runtime.sync_batchnorm: SyncBatchNorm needs learners on CUDA; expected runtime.device "
+                              "cuda or runtime.sync_batchnorm=false, got runtime.device=cpu")
+        _at_least("runtime.num_learners", self.num_learners, 1)
+        _at_least("runtime.learner_num_cpus", self.learner_num_cpus, 0)
+        _amounts("runtime.learner_resources", self.learner_resources)
+        _at_least("runtime.prefetch", self.prefetch, 0)
+        _at_least("runtime.teacher_num_cpus", self.teacher_num_cpus, 0)
+        _at_least("runtime.teacher_num_gpus", self.teacher_num_gpus, 0)
+        _at_least("runtime.max_failures", self.max_failures, -1)
+        _at_least("runtime.agent_buffer_mb", self.agent_buffer_mb, 0, strict=True)
+        _optional_at_least("runtime.threads", self.threads, 1)
 
 
 @dataclass
@@ -223,8 +348,11 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         _choice("cache.value_dtype", self.value_dtype, ("auto", "float16", "bfloat16"))
-        if isinstance(self.max_memory_mb, int) and self.max_memory_mb < 1:
-            raise ConfigError(f"cache.max_memory_mb: expected an int >= 1, got {self.max_memory_mb}")
+        if isinstance(self.url, str) and self.url != "local" and self.url.partition("://")[0] not in CACHE_SCHEMES:
+            shown = re.sub(r"//[^@/]*@", "//***@", self.url)  # never echo a password
+            raise ConfigError(f"cache.url: expected local, redis://host:port[/db], rediss://... or "
+                              f"unix:///path/to/redis.sock, got {shown!r}")
+        _at_least("cache.max_memory_mb", self.max_memory_mb, 1)
 
 
 @dataclass
@@ -243,6 +371,21 @@ class ExperimentConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def __post_init__(self) -> None:
+        from mtkd.models import MODELS
+
+        _in_range("seed", self.seed, 0, SEED_LIMIT)
+        if isinstance(self.output_dir, str) and not self.output_dir.strip():
+            raise ConfigError("output_dir: expected a folder, got ''")
+        _registered("student", self.student, MODELS)
+        for i, teacher in enumerate(self.teachers):
+            if isinstance(teacher, TeacherSpec):
+                teacher.check(f"teachers[{i}]")
+        names = [t.name for t in self.teachers if isinstance(t, TeacherSpec) and t.name]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"teachers: names must be unique, got {', '.join(map(repr, repeated))} more than once")
 
 
 @dataclass
@@ -264,6 +407,13 @@ class TeacherTrainConfig:
     """fp32 or bf16 (autocast + channels_last: about 3x faster on CPUs with AMX; the weights stay fp32)."""
 
     def __post_init__(self) -> None:
+        from mtkd.models import MODELS
+
+        _in_range("seed", self.seed, 0, SEED_LIMIT)
+        _registered("model", self.model, MODELS)
+        if isinstance(self.output_dir, str) and not self.output_dir.strip():
+            raise ConfigError("output_dir: expected a folder, got ''")
+        _optional_at_least("threads", self.threads, 1)
         check_device(self.device, "device")
         _choice("precision", self.precision, ("fp32", "bf16"))
 
@@ -311,14 +461,19 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
 
 def _as_float(value: Any, where: str) -> float:
     # YAML 1.1 reads "1e-4" (no dot) as a string: accept any string that is a number.
+    number = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value)
+    elif isinstance(value, str):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
-    raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if number is None:
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    return number
 
 
 def to_dict(config: Any) -> dict:
@@ -396,8 +551,32 @@ def _list_index(items: list, key: str, path: str, dotted: str) -> int:
     return index
 
 
+def check_runnable(config: ExperimentConfig) -> None:
+    """What an experiment about to run must satisfy beyond its sections: a strategy that distils has
+    teachers; the in-process runtime loads every teacher from a checkpoint. (Not part of loading:
+    programs load a student config, then add its teachers; ``mtkd distill`` calls this at load.)
+
+    Raises:
+        ConfigError: naming the key, what it got and what it expects.
+    """
+    from mtkd.distill import STRATEGIES
+
+    if STRATEGIES.get(config.distill.strategy).uses_teachers and not config.teachers:
+        raise ConfigError(f"teachers: strategy {config.distill.strategy!r} distils from teachers; expected at least "
+                          f"one, got none (or use distill.strategy=ce)")
+    if config.runtime.runtime == "inprocess":
+        for i, teacher in enumerate(config.teachers):
+            if teacher.address:
+                raise ConfigError(f"teachers[{i}].address: a served teacher needs runtime.runtime=ray, got "
+                                  f"runtime.runtime=inprocess with address {teacher.address!r}")
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Load ``cls`` from a YAML file (or defaults) with dotted overrides; validated."""
+    """Load ``cls`` from a YAML file (or defaults) with dotted overrides; every value is checked.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, a key is unknown, or a value is bad.
+    """
     data: dict = {}
     if path is not None:
         data = read_yaml(path) or {}

@@ -14,11 +14,13 @@ import warnings
 
 import torch
 
+from mtkd.errors import UserError
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class DeviceError(ValueError):
-    """A device was asked for that this machine does not have."""
+class DeviceError(UserError, ValueError):
+    """A device this machine does not have, or an unknown precision, was asked for."""
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -89,7 +91,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         return "bf16" if runs_faster(device.type, "bf16") else "fp32"
     if name not in DTYPES:
-        raise ValueError(f"unknown precision {name!r} (valid: auto, {', '.join(DTYPES)})")
+        raise DeviceError(f"unknown precision {name!r} (valid: auto, {', '.join(DTYPES)})")
     if not runs_natively(device.type, name):
         warnings.warn(f"precision {name} has no native kernels on this {device.type}; it will be emulated "
                       f"(slower than fp32)", stacklevel=2)

@@ -17,15 +17,17 @@ from mtkd.config import ConfigError, ExperimentConfig, OptimConfig
 from mtkd.devices import autocast, memory_format, resolve_device, resolve_precision
 from mtkd.distill import (STRATEGIES, Agent, StepFeedback, StepInputs, Strategy, agent_state, build_projectors,
                           feature_mse, kd_kl, per_sample_ce, raw_reward, normalized_reward, state_dim)
+from mtkd.distill.meta import MetaAgent
+from mtkd.errors import NumericError, UserError
 from mtkd.models import Outputs, create_model
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss part became NaN or infinite; the message names the epoch, step and part."""
+class NonFiniteLossError(NumericError, RuntimeError):
+    """A loss part became NaN or infinite; the message names the epoch, step and part (CLI exit 3)."""
 
 
-class PoolMismatchError(ValueError):
-    """Teachers, student and dataset disagree (class count, input shape)."""
+class PoolMismatchError(UserError, ValueError):
+    """Teachers, student and dataset disagree (class count, input shape); CLI exit 2."""
 
 
 # ---------------------------------------------------------------------------------- building
@@ -90,15 +92,28 @@ def build_strategy(config: ExperimentConfig, teacher_descriptions: list[dict], n
     factory = STRATEGIES.get(config.distill.strategy)
     if not factory.needs_agent:
         return factory()
-    if agent is None:
+    if agent is None and config.agent.rule == "meta":
+        agent = MetaAgent(len(teacher_descriptions), num_classes, **agent_kwargs(config)).to(device or "cpu")
+    elif agent is None:
         agent = Agent([int(d["embedding_dim"]) for d in teacher_descriptions], num_classes, **agent_kwargs(config))
         agent.policy.to(device or "cpu")  # in place: the agent's optimiser keeps its parameters
     return factory(agent)
 
 
+def needs_agent_actor(config: ExperimentConfig) -> bool:
+    """Whether the Ray runtime hosts the agent in an actor of its own: a strategy with an agent whose
+    rule learns from stored experience (``reference``, ``reinforce``). Rules that need the student's own
+    step (``meta``) live in the learner, inside the strategy."""
+    from mtkd.distill.agent import ACTOR_RULES
+
+    return STRATEGIES.get(config.distill.strategy).needs_agent and config.agent.rule in ACTOR_RULES
+
+
 def agent_kwargs(config: ExperimentConfig) -> dict:
     """The :class:`Agent` settings of ``config.agent``, seeded with ``config.seed + 2``."""
     a = config.agent
+    if a.rule == "meta":
+        return {"lr": a.meta_lr, "decay": a.meta_decay, "seed": config.seed + 2}
     return {"rule": a.rule, "mixing": a.mixing, "agent_step": a.agent_step, "lr": a.lr,
             "concentration": a.concentration, "seed": config.seed + 2}
 
@@ -119,7 +134,7 @@ def check_agent_buffer(config: ExperimentConfig, descriptions: list[dict], num_c
                        batches_per_epoch: int) -> None:
     """Refuse a config whose agent buffer could outgrow ``runtime.agent_buffer_mb`` (only strategies
     with an agent have one)."""
-    if not STRATEGIES.get(config.distill.strategy).needs_agent:
+    if not needs_agent_actor(config):  # only the reference and reinforce rules store experience
         return
     width = state_dim([int(d["embedding_dim"]) for d in descriptions], num_classes)
     need = agent_buffer_bytes(config, width, len(descriptions), batches_per_epoch)
@@ -173,6 +188,25 @@ class StepResult:
 LOSS_PARTS = ("ce", "kd", "feature")
 
 
+@dataclass
+class TransformInputs:
+    """What a teacher transform sees in a step (B samples, M teachers).
+
+    Attributes:
+        sample_index: ``[B]`` indices of the samples in the dataset (None in hand-made batches).
+        targets: ``[B]`` labels.
+        student: the student's outputs of this step, detached.
+        projected: per teacher ``[B, K_m, H_m, W_m]``, the student's projected feature maps, detached.
+        teachers: per teacher, its float32 outputs.
+    """
+
+    sample_index: torch.Tensor | None
+    targets: torch.Tensor
+    student: Outputs
+    projected: list[torch.Tensor]
+    teachers: list[Outputs]
+
+
 def _check_finite(parts: dict[str, float], where: str, agree: Callable[[bool], bool] | None = None) -> None:
     """Raise :class:`NonFiniteLossError` naming the first non-finite part. With ``agree`` (several
     learners: "is it true on every learner?"), every learner raises when any of them saw one."""
@@ -213,13 +247,18 @@ class Distiller:
             unwrapped :attr:`module`.
         agree: with several learners, ``agree(flag)`` tells whether ``flag`` holds on every learner;
             a non-finite loss on one then stops all of them at the same step.
+        teacher_transform: rewrites the teachers' outputs of each step after the student's forward
+            pass (:class:`TransformInputs` -> per teacher :class:`Outputs`): controlled corruptions
+            for experiments (benchmarks/weighting.py); None in training.
     """
 
     def __init__(self, config: ExperimentConfig, pool, num_classes: int, input_shape, *, agent=None,
                  device: str | torch.device | None = None,
                  wrap_module: Callable[[nn.Module], nn.Module] | None = None,
-                 agree: Callable[[bool], bool] | None = None):
+                 agree: Callable[[bool], bool] | None = None,
+                 teacher_transform: Callable[["TransformInputs"], list[Outputs]] | None = None):
         self.config = config
+        self.teacher_transform = teacher_transform
         self.pool = pool
         self.device = resolve_device(device if device is not None else config.runtime.device)
         self.precision = resolve_precision(config.runtime.student_precision, self.device)
@@ -244,9 +283,11 @@ class Distiller:
         return self.epoch < self.config.distill.warmup_epochs
 
     # ------------------------------------------------------------------ one step
-    def step(self, images: torch.Tensor, targets: torch.Tensor, teacher_outputs: list[Outputs] | None) -> StepResult:
+    def step(self, images: torch.Tensor, targets: torch.Tensor, teacher_outputs: list[Outputs] | None,
+             sample_index: torch.Tensor | None = None) -> StepResult:
         """One optimiser step on a batch ``images [B, C, H, W]``, ``targets [B]`` (on :attr:`device`),
-        with the teachers' float32 outputs on the same device.
+        with the teachers' float32 outputs on the same device; ``sample_index [B]`` (the samples'
+        indices in the dataset) is only read by a :attr:`teacher_transform`.
 
         The step's scalars are gathered into one tensor and read with a single device sync.
         """
@@ -266,13 +307,20 @@ class Distiller:
             self._optimise(loss)
             return StepResult(*values[:4], correct=int(values[6]), batch=targets.shape[0], weight_logit=[],
                               weight_feature=[], reward=0.0, reward_hat=0.0, diagnostics={})
+        if self.teacher_transform is not None:
+            teacher_outputs = self.teacher_transform(TransformInputs(
+                sample_index, targets, Outputs(*(t.detach() for t in student_out)), [p.detach() for p in projected],
+                teacher_outputs))
         kl = torch.stack([kd_kl(student_out.logits, t.logits, cfg.temperature) for t in teacher_outputs], 1)  # [B, M]
         mse = torch.stack([feature_mse(p, t.feature) for p, t in zip(projected, teacher_outputs)], 1)  # [B, M]
         state = None
         if self.strategy.needs_state:
             state = agent_state(projected, [t.embedding for t in teacher_outputs], student_out.logits,
                                 [t.logits for t in teacher_outputs], targets, cfg.temperature)
-        weights = self.strategy.weights(StepInputs([t.logits for t in teacher_outputs], targets, state, self.warmup))
+        weights = self.strategy.weights(StepInputs(
+            [t.logits for t in teacher_outputs], targets, state, self.warmup, student_logits=student_out.logits.detach(),
+            student_embedding=student_out.embedding.detach(), lr=self.optimizer.param_groups[0]["lr"],
+            temperature=cfg.temperature))
         kd_term = (weights.logit * kl).mean(0).sum()
         feature_term = cfg.beta * (weights.feature * mse).mean(0).sum()
         ce_term = ce.mean()
@@ -361,7 +409,7 @@ class Distiller:
         for position, (batch, teacher_outputs) in enumerate(self.batches_with_teachers(loader)):
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate(self.config.optim, self.epoch, position, len(loader))
-            result = self.step(batch.images, batch.labels, teacher_outputs)
+            result = self.step(batch.images, batch.labels, teacher_outputs, batch.sample_index)
             totals.add(result)
             if on_step is not None:
                 on_step(self.global_step, batch, result)

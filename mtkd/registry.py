@@ -9,10 +9,12 @@ import difflib
 import fnmatch
 from typing import Callable, Generic, Iterator, TypeVar
 
+from mtkd.errors import UserError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError, ValueError):
+class UnknownNameError(UserError, KeyError, ValueError):
     """An unknown name was asked of a registry. The message lists valid names."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain.

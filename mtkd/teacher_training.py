@@ -10,9 +10,10 @@ import torch
 from mtkd.config import DistillConfig, ExperimentConfig, RuntimeConfig, TeacherTrainConfig, save_config
 from mtkd.data import BatchLoader, train_test
 from mtkd.devices import resolve_device
-from mtkd.engine import Distiller, evaluate_model
-from mtkd.experiment import RunDirectory, eval_loader, load_data, train_loader
-from mtkd.runner import FitHooks, fit, prepare_run_dir
+from mtkd.engine import PoolMismatchError, evaluate_model
+from mtkd.experiment import RunDirectory
+from mtkd.runner import prepare_run_dir, train_and_record
+from mtkd.session import Session
 from mtkd.teachers import LocalTeacherPool, load_model_checkpoint, save_teacher
 
 
@@ -33,15 +34,13 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True, overwrite: boo
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     experiment = as_experiment(cfg)
-    torch.manual_seed(cfg.seed)
-    train_set, test_set = load_data(cfg.data, cfg.seed)
-    distiller = Distiller(experiment, LocalTeacherPool([]), train_set.num_classes, train_set.image_shape)
+    session = Session.build(experiment, LocalTeacherPool([]))
+    train_set, test_set, distiller = session.train_set, session.test_set, session.distiller
     run = RunDirectory(experiment.output_dir)
     prepare_run_dir(run, resume=False, overwrite=overwrite)
     save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     start = time.perf_counter()
-    history = fit(distiller, train_loader(train_set, cfg.data, cfg.seed), eval_loader(test_set, cfg.data), run,
-                  train_set, FitHooks(progress=progress))
+    history = train_and_record(session, run, progress=progress)
     meta = {
         "model": cfg.model, "num_classes": train_set.num_classes, "in_channels": train_set.image_shape[0],
         "input_shape": list(train_set.image_shape), "class_names": list(train_set.class_names or []),
@@ -63,10 +62,10 @@ def evaluate_checkpoint(folder: str | Path, data_name: str | None = None, root: 
     model.to(device)
     _, test_set = train_test(data_name or meta["dataset"]["name"], root)
     if test_set.num_classes != meta["num_classes"]:
-        raise ValueError(f"checkpoint {str(folder)!r} predicts {meta['num_classes']} classes but dataset "
+        raise PoolMismatchError(f"checkpoint {str(folder)!r} predicts {meta['num_classes']} classes but dataset "
                          f"{test_set.name!r} has {test_set.num_classes}")
     if tuple(test_set.image_shape) != tuple(meta["input_shape"]):
-        raise ValueError(f"checkpoint {str(folder)!r} takes input {tuple(meta['input_shape'])} but dataset "
+        raise PoolMismatchError(f"checkpoint {str(folder)!r} takes input {tuple(meta['input_shape'])} but dataset "
                          f"{test_set.name!r} gives {tuple(test_set.image_shape)}")
     scores = evaluate_model(model, BatchLoader(test_set, batch_size, shuffle=False), device)
     return {"checkpoint": str(folder), "model": meta["model"], "dataset": test_set.name,

@@ -1,4 +1,4 @@
-"""Teacher checkpoints and the in-process teacher pool.
+"""Teacher checkpoints, the :class:`TeacherPool` protocol and the in-process teacher pool.
 
 A teacher checkpoint is a folder written by ``mtkd train-teacher``::
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from mtkd.devices import DTYPES, autocast, numerics_tag, resolve_device, resolve
 from mtkd.models import Outputs, create_model
 from mtkd.models.fold import fold_batchnorm as fold_batchnorm_into_convs
 from mtkd.models.fold import store_low_precision_weights
+
+if TYPE_CHECKING:
+    from mtkd.data import Batch
 
 TEACHER_FORMAT = "mtkd-teacher/1"
 
@@ -181,13 +185,56 @@ def check_same_pool(recorded: list[dict], current: list[dict]) -> None:
                 )
 
 
-class LocalTeacherPool:
-    """The in-process teacher source: runs every teacher in this process when collected.
+@runtime_checkable
+class TeacherPool(Protocol):
+    """What the engine asks of a teacher pool: M teachers answering batches of B images.
 
-    The engine talks to a pool through ``describe()``, ``submit(batch) -> ticket`` and
-    ``collect(ticket) -> list[Outputs]``; the Ray runtime's pool has the same verbs. Outputs come
-    back on the teachers' device in the dtype they were computed in (the engine makes them float32).
-    ``accepts_device_batches``: the engine may hand over batches already on its device.
+    Implemented by :class:`LocalTeacherPool` (in process) and
+    ``services.teacher_server.pool.RayTeacherPool`` (Ray actors). The engine submits a batch ahead of
+    the step that uses it and collects it at that step, so teachers may compute while the student
+    trains; each ticket is collected once.
+
+    Attributes:
+        accepts_device_batches: whether :meth:`submit` may be handed a batch whose tensors are
+            already on the engine's device (else the engine submits the host-memory batch).
+    """
+
+    accepts_device_batches: bool
+
+    def describe(self) -> list[dict]:
+        """One dict per teacher (the same order as :meth:`collect`'s outputs), as
+        :meth:`Teacher.describe`: ``name``, ``model``, ``num_classes`` C, ``input_shape`` (C_in, H, W),
+        ``embedding_dim`` D, ``feature_shape`` (K, H', W'), ``digest``, ``mean``/``std``, ``numerics``."""
+        ...
+
+    def submit(self, batch: Batch) -> Any:
+        """Start the teachers on ``batch`` (images ``[B, C_in, H, W]`` float32, normalised); returns
+        an opaque ticket for :meth:`collect`."""
+        ...
+
+    def collect(self, ticket: Any) -> list[Outputs]:
+        """The M teachers' outputs of a submitted batch: per teacher ``Outputs(logits [B, C],
+        embedding [B, D], feature [B, K, H', W'])`` (the fields the pool was not asked for may be
+        None), on any device, in the dtype they were computed or sent in (the engine makes them
+        float32 on its device)."""
+        ...
+
+    def take_stats(self) -> dict[str, float]:
+        """The pool's metrics since the last call (``cache/hit_rate``, ``cache/bytes``...); {} if none."""
+        ...
+
+    def close(self) -> None:
+        """Release what the pool holds (cache connections, batches in flight); teachers it was given
+        are not stopped."""
+        ...
+
+
+class LocalTeacherPool:
+    """The in-process :class:`TeacherPool`: runs every teacher in this process when collected.
+
+    Outputs come back on the teachers' device in the dtype they were computed in (the engine makes
+    them float32). The engine may hand over batches already on its device
+    (``accepts_device_batches``).
 
     With :meth:`use_cache`, each teacher looks its outputs up in a store before computing them.
     """
@@ -230,4 +277,4 @@ class LocalTeacherPool:
         return cache_metrics([c.take_stats() for c in caches], store.used_bytes())
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the teachers and the cache's store belong to the caller."""

@@ -32,6 +32,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from mtkd.config import ConfigError
+from mtkd.errors import UserError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -39,7 +42,7 @@ _OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 PASSWORD_ENV = "MTKD_REDIS_PASSWORD"  # the password of a Redis whose URL has none
 
 
-class RedisServerError(ValueError):  # a user-facing error: the CLI prints one line, exits 2
+class RedisServerError(UserError, ValueError):  # the CLI prints one line, exits 2
     """A private ``redis-server`` could not be started; the message says why and how to fix it."""
 
 
@@ -341,7 +344,7 @@ def open_store(url: str | None, max_memory_mb: int) -> Iterator[RedisStore | Non
     server without a memory bound or with an evicting policy other than LRU is a warning too.
 
     Raises:
-        ValueError: ``url`` is none of the above.
+        ConfigError: ``url`` is none of the above.
         RedisServerError: ``local`` and the server cannot be started.
     """
     if url is None:
@@ -356,7 +359,7 @@ def open_store(url: str | None, max_memory_mb: int) -> Iterator[RedisStore | Non
                 store.close()
         return
     if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"cache.url: {redacted(url)!r}; expected local, redis://host:port[/db], rediss://... or "
+        raise ConfigError(f"cache.url: {redacted(url)!r}; expected local, redis://host:port[/db], rediss://... or "
                          f"unix:///path/to/redis.sock")
     store = RedisStore(url)
     try:

@@ -1,8 +1,8 @@
 """The ``mtkd`` console script: the library's commands plus the service ones.
 
 ``distill`` runs on Ray by default (``runtime.runtime=inprocess`` or ``--runtime inprocess`` for
-the reference engine); ``serve-teacher`` and ``serve-agent`` expose a teacher or the agent over
-gRPC; ``demo`` runs the main job end to end.
+the reference engine); ``serve-teacher`` exposes a teacher over gRPC; ``demo`` runs the main job
+end to end; ``tune`` searches hyper-parameters with Ray Tune (:mod:`services.tune`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 
 from mtkd import cli as core
-from services.tune import add_tune_parser
 from mtkd.config import ConfigError
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -97,7 +96,7 @@ def _check_server_args(args: argparse.Namespace) -> None:
 
 
 def _server_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of ``serve`` that every serve-* command shares."""
+    """The keyword arguments of ``serve`` for ``serve-teacher``."""
     return dict(host=args.host, port=args.port, token=_token(args), tls_cert=args.tls_cert, tls_key=args.tls_key,
                 max_message_bytes=args.max_message_mb << 20, max_concurrent_rpcs=args.max_concurrent_rpcs,
                 insecure=args.insecure)
@@ -143,34 +142,48 @@ def cmd_serve_teacher(args: argparse.Namespace) -> dict:
     return _serve_until_signal(server, stop, f"teacher {teacher.name!r}", port, args)
 
 
-def cmd_serve_agent(args: argparse.Namespace) -> dict:
-    """`mtkd serve-agent`: serve an MTKD-RL agent over gRPC until SIGINT/SIGTERM."""
-    from mtkd.engine import agent_kwargs
-    from mtkd.runner import load_local_pool
-    from services.agent.backend import AgentBackend
-    from services.agent.grpc_server import check_max_batch, serve, stop
-
-    _check_server_args(args)
-    config = core.load_experiment(args)
-    descriptions = load_local_pool(config).describe()
-    if not descriptions:
-        raise ConfigError("serve-agent needs the teacher pool (teachers=[...]) to size the agent's state")
-    backend = AgentBackend([d["embedding_dim"] for d in descriptions], int(descriptions[0]["num_classes"]),
-                           **agent_kwargs(config))
-    info = backend.describe()
-    try:
-        check_max_batch(args.max_batch, info["state_dim"], info["num_teachers"], args.max_message_mb << 20)
-    except ValueError as err:
-        raise ConfigError(f"--max-batch {args.max_batch} with --max-message-mb {args.max_message_mb}: {err}") from err
-    server, port = _start(serve, backend, args, max_batch=args.max_batch)
-    return _serve_until_signal(server, stop, f"the agent ({config.agent.rule}, {config.agent.mixing})", port, args)
-
-
 def cmd_demo(args: argparse.Namespace) -> dict:
     """`mtkd demo`: teachers, then ce / aver / mtkd_rl students; returns the demo's summary."""
     from services.demo import run_demo
 
     return run_demo(args.config, args.overrides, runtime=args.runtime or "ray")
+
+
+def cmd_tune(args: argparse.Namespace) -> dict:
+    """`mtkd tune`: load the tune file (or the saved search of ``--resume``) and run it."""
+    from services.tune import load_saved_search, load_tune
+    from services.tune.driver import run_tune
+
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"experiment.runtime.address={args.address}")
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume continues the saved search; pass no --config")
+        if args.overrides:
+            raise ConfigError(f"--resume continues the search as it was saved; overrides are not accepted (got "
+                              f"{' '.join(args.overrides)})")
+        spec = load_saved_search(args.resume, overrides)
+    else:
+        if not args.config:
+            raise ConfigError("mtkd tune needs --config TUNE_FILE (configs/tune-*.yaml) or --resume SEARCH_DIR")
+        spec = load_tune(args.config, overrides)
+    return run_tune(spec, resume=bool(args.resume), progress=not args.quiet, overwrite=args.overwrite)
+
+
+def _add_tune_parser(sub) -> None:
+    """The ``tune`` sub-command (its work is in :mod:`services.tune`)."""
+    p = sub.add_parser("tune", help="search hyper-parameters with Ray Tune and ASHA over one shared teacher pool")
+    p.add_argument("--config", help="tune file: experiment, search_space, tune (configs/tune-*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="dotted overrides of the tune file, e.g. tune.num_samples=8 experiment.optim.epochs=4")
+    p.add_argument("--resume", metavar="SEARCH_DIR", help="continue an interrupted search (its tune.output_dir)")
+    p.add_argument("--address", help="Ray cluster to join (as for mtkd distill: default $RAY_ADDRESS, or a cluster "
+                                     "started with `ray start` here, else a private local Ray; 'local' forces a "
+                                     "private one)")
+    p.add_argument("--overwrite", action="store_true", help="replace a search already in tune.output_dir")
+    p.add_argument("--quiet", action="store_true", help="no per-trial progress lines on stderr")
+    p.set_defaults(func=cmd_tune)
 
 
 def _add_server_args(p: argparse.ArgumentParser, default_port: int, default_max_batch: int) -> None:
@@ -208,22 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(p, 50051, 256)
     p.set_defaults(func=cmd_serve_teacher)
 
-    p = sub.add_parser("serve-agent", help="serve the MTKD-RL agent over gRPC")
-    core.add_config_args(p)
-    _add_server_args(p, 50052, 4096)
-    p.set_defaults(func=cmd_serve_agent, resume=None)
-
     p = sub.add_parser("demo", help="train (or reuse) teachers, distill with ce/aver/mtkd_rl, print a table")
     p.add_argument("--config", default=str(DEMO_CONFIG), help=f"demo config (default: {DEMO_CONFIG})")
     p.add_argument("--runtime", choices=["ray", "inprocess"], help="runtime of the student runs (default: ray)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides of the demo config")
     p.set_defaults(func=cmd_demo)
-    add_tune_parser(sub)
+    _add_tune_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `mtkd`: returns the exit code (0, 2 for a user error, 3 for a numeric one)."""
+    """Entry point of `mtkd`: returns the exit code: 0, 2 for a user error (``mtkd.errors.UserError``),
+    3 for a numeric one (``mtkd.errors.NumericError``), each reported in one line; any other error
+    is a bug and propagates with its traceback."""
     return core.run(build_parser(), argv)
 
 

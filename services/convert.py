@@ -3,7 +3,7 @@
 Tensors travel as ``{dtype, shape, data}``: raw little-endian bytes in C order. They
 are decoded with ``np.frombuffer`` and copied, and checked before use: dtype, number
 and sizes of dimensions, byte count, a size limit and finiteness. Nothing is ever
-unpickled; policies travel as safetensors.
+unpickled.
 
 Every check failure raises :class:`InvalidMessage` (or its subclass
 :class:`InvalidTensor`) with a message that says what was wrong, what was received
@@ -17,23 +17,19 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
-import safetensors
-import safetensors.torch
 import torch
 
+from mtkd.errors import UserError
 from mtkd.models.outputs import Outputs
-from services._generated.mtkd.v1 import agent_pb2, teacher_pb2, tensor_pb2
+from services._generated.mtkd.v1 import teacher_pb2, tensor_pb2
 
 __all__ = [
-    "AGENT_INFO_KEYS",
     "OUTPUT_FIELDS",
     "PIXEL_MAX",
     "TEACHER_INFO_KEYS",
     "HalfPrecisionOverflow",
     "InvalidMessage",
     "InvalidTensor",
-    "agent_info_from_proto",
-    "agent_info_to_proto",
     "decode_field",
     "fields_from_proto",
     "fields_to_proto",
@@ -41,8 +37,6 @@ __all__ = [
     "join_response_chunks",
     "non_finite_outputs",
     "outputs_to_response",
-    "policy_from_proto",
-    "policy_to_proto",
     "proto_to_tensor",
     "response_to_outputs",
     "teacher_info_from_proto",
@@ -55,7 +49,6 @@ Dim = Union[int, range, None]
 
 OUTPUT_FIELDS: tuple[str, ...] = Outputs._fields  # ("logits", "embedding", "feature")
 TEACHER_INFO_KEYS = ("name", "num_classes", "input_shape", "embedding_dim", "feature_shape", "digest")
-AGENT_INFO_KEYS = ("num_teachers", "state_dim", "version", "rule", "mixing")
 PIXEL_MAX = 255.0
 """Largest raw pixel value (8-bit images): ``Preprocessing.pixel_max``."""
 
@@ -96,7 +89,7 @@ class InvalidTensor(InvalidMessage):
     """A ``Tensor`` message is malformed, of a wrong dtype or shape, or too large."""
 
 
-class HalfPrecisionOverflow(ValueError):
+class HalfPrecisionOverflow(UserError, ValueError):
     """Finite values beyond float16's range (65504) cannot be sent as float16."""
 
 
@@ -532,62 +525,3 @@ def response_to_outputs(
             name=field,
         ).float()
     return Outputs(**decoded)
-
-
-# ---------------------------------------------------------------------------
-# Agent: descriptions and policies
-# ---------------------------------------------------------------------------
-def agent_info_to_proto(
-    info: Mapping[str, Any], *, max_batch: int, max_abs_state: float = 0.0, max_abs_reward: float = 0.0
-) -> agent_pb2.AgentInfo:
-    """Build ``AgentInfo`` from an agent backend's ``describe()`` dict and the server's limits.
-
-    Raises:
-        ValueError: ``info`` lacks one of :data:`AGENT_INFO_KEYS`.
-    """
-    _require_keys("agent describe()", info, AGENT_INFO_KEYS)
-    return agent_pb2.AgentInfo(
-        num_teachers=int(info["num_teachers"]),
-        state_dim=int(info["state_dim"]),
-        policy_version=int(info["version"]),
-        rule=str(info["rule"]),
-        mixing=str(info["mixing"]),
-        max_batch=max_batch,
-        max_abs_state=max_abs_state,
-        max_abs_reward=max_abs_reward,
-    )
-
-
-def agent_info_from_proto(msg: agent_pb2.AgentInfo) -> dict[str, Any]:
-    """The ``describe()`` dict of an agent backend, plus the server's ``max_batch``,
-    ``max_abs_state`` and ``max_abs_reward``."""
-    return {
-        "num_teachers": msg.num_teachers,
-        "state_dim": msg.state_dim,
-        "version": msg.policy_version,
-        "rule": msg.rule,
-        "mixing": msg.mixing,
-        "max_batch": msg.max_batch,
-        "max_abs_state": msg.max_abs_state,
-        "max_abs_reward": msg.max_abs_reward,
-    }
-
-
-def policy_to_proto(version: int, state_dict: Mapping[str, torch.Tensor]) -> agent_pb2.Policy:
-    """Serialise a policy's ``state_dict`` with ``safetensors.torch.save`` (never pickle)."""
-    tensors = {k: torch.clone(v.detach().cpu(), memory_format=torch.contiguous_format) for k, v in state_dict.items()}
-    data = safetensors.torch.save(tensors, metadata={"version": str(version)})
-    return agent_pb2.Policy(version=version, safetensors=data)
-
-
-def policy_from_proto(msg: agent_pb2.Policy) -> tuple[int, dict[str, torch.Tensor]]:
-    """Decode a ``Policy`` message into ``(version, state_dict)``.
-
-    Raises:
-        InvalidMessage: The bytes are not a valid safetensors file.
-    """
-    try:
-        state_dict = safetensors.torch.load(msg.safetensors)
-    except (safetensors.SafetensorError, ValueError) as err:
-        raise InvalidMessage(f"policy is not a valid safetensors file ({len(msg.safetensors)} bytes): {err}") from err
-    return msg.version, state_dict

@@ -34,7 +34,7 @@ class DemoConfig:
     """Teachers are cached here, keyed by their training config."""
     output_dir: str = "runs/demo"
     """One run folder per strategy below this, and the comparison plots."""
-    strategies: list[str] = field(default_factory=lambda: ["ce", "aver", "mtkd_rl"])
+    strategies: list[str] = field(default_factory=lambda: ["ce", "aver", "camkd", "mtkd_rl"])
     """Strategies to compare (``ce`` first: the others' gains are measured against it)."""
     teacher_models: list[str] = field(default_factory=lambda: ["resnet20", "vgg8", "wrn_16_2"])
     """Model names of the teacher pool."""
@@ -71,14 +71,17 @@ def cached_teacher(cfg: TeacherTrainConfig, cache_dir: Path) -> dict:
 
 
 def format_table(rows: list[tuple[str, str, str, float]]) -> str:
-    """Teachers and students with each student's gain over ``ce`` and over ``aver`` (points)."""
+    """Teachers and students with each student's gain over ``ce``, ``aver`` and, when it ran, ``camkd``
+    (points)."""
     accuracy = {s: a for _, role, s, a in rows if role == "student"}
-    lines = [f"{'model':<14}{'role':<10}{'strategy':<10}{'test acc':>9}{'vs ce':>9}{'vs aver':>9}", "-" * 61]
+    bases = ("ce", "aver", "camkd") if "camkd" in accuracy else ("ce", "aver")
+    header = f"{'model':<14}{'role':<10}{'strategy':<10}{'test acc':>9}" + "".join(f"{'vs ' + b:>10}" for b in bases)
+    lines = [header, "-" * len(header)]
     for model, role, strategy, acc in rows:
         line = f"{model:<14}{role:<10}{strategy:<10}{acc * 100:>8.2f}%"
-        for base in ("ce", "aver"):
+        for base in bases:
             shown = role == "student" and base in accuracy and strategy not in ("ce", base)
-            line += f"{(acc - accuracy[base]) * 100:>+9.2f}" if shown else " " * 9
+            line += f"{(acc - accuracy[base]) * 100:>+10.2f}" if shown else " " * 10
         lines.append(line.rstrip())
     return "\n".join(lines)
 

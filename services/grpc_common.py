@@ -33,6 +33,8 @@ from typing import Any, NamedTuple, Union
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from mtkd.errors import UserError
+
 from services.convert import InvalidMessage
 
 __all__ = [
@@ -84,8 +86,9 @@ class Service(NamedTuple):
     servicer: Any
 
 
-class RpcFailure(Exception):
-    """Raised in a servicer to end the call with a given status code and message."""
+class RpcFailure(UserError):
+    """Raised in a servicer to end the call with a given status code and message (a user error: the
+    caller asked for something the server refuses)."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)

@@ -1,12 +1,18 @@
 """Shared fixtures: a small pool of real teachers trained on real Fashion-MNIST (once per session)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from mtkd.config import DataConfig, ExperimentConfig, OptimConfig, TeacherSpec, TeacherTrainConfig, load_config
 from mtkd.data import DATASETS  # noqa: F401  (registers datasets)
+
+# Ray Train polls its workers every 2 s by default, and a test run of a few seconds would spend much
+# of its time waiting. Set before any Ray starts; TorchTrainer passes it on to its controller, and the
+# `mtkd` subprocesses of the tests inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="apt-get install dataset-fashion-mnist (make test does)")
@@ -49,7 +55,7 @@ def small_experiment(output_dir, teacher_dirs, overrides: list[str] = ()) -> Exp
     config = load_config(ExperimentConfig, None, [
         f"output_dir={output_dir}", "student=resnet8", "data.train_subset=128", "data.test_subset=128",
         "data.batch_size=32", "data.crop_padding=2", "optim.epochs=2", "optim.milestones=[1]",
-        "agent.agent_step=3", "runtime.runtime=inprocess", "runtime.device=cpu", "runtime.teacher_precision=fp32",
+        "agent.rule=reference", "agent.agent_step=3", "runtime.runtime=inprocess", "runtime.device=cpu", "runtime.teacher_precision=fp32",
         *overrides,
     ])
     config.teachers = [TeacherSpec(checkpoint=d) for d in teacher_dirs]

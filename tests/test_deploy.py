@@ -257,7 +257,7 @@ def check_mtkd(command: MtkdCommand):
         raise BadCommand(f"{command.where}: mtkd {shlex.join(argv)}: {errors.getvalue().strip()}") from None
     try:
         overrides = list(getattr(args, "overrides", None) or [])
-        if args.command in ("distill", "serve-agent"):
+        if args.command == "distill":
             if getattr(args, "runtime", None):
                 overrides.append(f"runtime.runtime={args.runtime}")
             if getattr(args, "address", None):

@@ -10,8 +10,9 @@ from mtkd.checkpoint import CheckpointError, load_weights
 from mtkd.config import TeacherSpec
 from mtkd.distill import STRATEGIES
 from mtkd.engine import Distiller, NonFiniteLossError, PoolMismatchError
-from mtkd.experiment import RunDirectory, eval_loader, load_data, train_loader
-from mtkd.runner import FitHooks, fit, load_local_pool, run_inprocess
+from mtkd.experiment import RunDirectory
+from mtkd.runner import load_local_pool, run_inprocess, train_and_record
+from mtkd.session import Session
 from mtkd.teachers import LocalTeacherPool, load_model_checkpoint
 
 from conftest import needs_fashion, small_experiment
@@ -105,14 +106,11 @@ class _PoisonedPool(LocalTeacherPool):
 
 def test_non_finite_loss_names_step_and_part_and_keeps_last_checkpoint(tmp_path, teacher_dirs):
     config = small_experiment(tmp_path / "run", teacher_dirs, ["distill.strategy=aver", "runtime.prefetch=0"])
-    train_set, test_set = load_data(config.data, config.seed)
-    pool = _PoisonedPool(load_local_pool(config).teachers, poison_call=6)
-    distiller = Distiller(config, pool, train_set.num_classes, train_set.image_shape)
+    session = Session.build(config, _PoisonedPool(load_local_pool(config).teachers, poison_call=6))
     run = RunDirectory(config.output_dir)
     run.create()
     with pytest.raises(NonFiniteLossError, match="epoch 2 step 6: loss part 'kd'"):
-        fit(distiller, train_loader(train_set, config.data, 0), eval_loader(test_set, config.data), run, train_set,
-            FitHooks(progress=False))
+        train_and_record(session, run, progress=False)
     assert run.latest_checkpoint().name == "epoch_0001"
     assert [m["epoch"] for m in run.read(run.metrics_path)] == [1]
 

@@ -182,6 +182,17 @@ class _RecordingAgent:
     def end_epoch(self):
         return False
 
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_mtkd_rl_refuses_an_object_that_is_no_agent():
+    with pytest.raises(TypeError, match="neither an ExperienceAgent nor a StepAgent"):
+        STRATEGIES.get("mtkd_rl")(object())
+
 
 @pytest.mark.parametrize("rule", ["reference", "reinforce"])
 def test_mtkd_rl_forwards_the_raw_reward_and_state(rule):

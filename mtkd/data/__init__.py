@@ -6,7 +6,7 @@ Importing this package registers every loader in ``DATASETS``:
 from mtkd.data import cifar, folder, idx  # noqa: F401  (registers the loaders)
 from mtkd.data.augment import AugmentParams, apply_augment, augment_batch, augment_params, normalize
 from mtkd.data.cifar import RestrictedUnpickler, UnsafePickleError
-from mtkd.data.dataset import ImageDataset, channel_stats, subset
+from mtkd.data.dataset import DataError, DataNotFoundError, ImageDataset, channel_stats, subset
 from mtkd.data.idx import read_idx
 from mtkd.data.loader import (Batch, BatchLoader, augment_bank_table, augment_generator, bank_slots, derive_seed,
                               epoch_order)
@@ -17,6 +17,8 @@ __all__ = [
     "AugmentParams",
     "Batch",
     "BatchLoader",
+    "DataError",
+    "DataNotFoundError",
     "ImageDataset",
     "RestrictedUnpickler",
     "UnsafePickleError",

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtkd.data.dataset import ImageDataset
+from mtkd.data.dataset import DataError, DataNotFoundError, ImageDataset
+from mtkd.errors import UserError
 from mtkd.data.registry import DATASETS
 
 _reconstruct = np.empty(0).__reduce__()[0]  # numpy's _reconstruct, wherever this numpy keeps it
@@ -32,7 +33,7 @@ CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(UserError, pickle.UnpicklingError):
     """A pickle asked for a global that ``RestrictedUnpickler`` does not allow."""
 
 
@@ -68,7 +69,7 @@ def load_pickle(path: str | os.PathLike, expected: str) -> Any:
 
     Raises:
         UnsafePickleError: the pickle names a forbidden global.
-        ValueError: the file is not a readable pickle; the message says ``expected``.
+        DataError: the file is not a readable pickle; the message says ``expected``.
     """
     with open(path, "rb") as f:
         try:
@@ -76,7 +77,7 @@ def load_pickle(path: str | os.PathLike, expected: str) -> Any:
         except UnsafePickleError:
             raise
         except Exception as err:  # a corrupt pickle can raise nearly anything
-            raise ValueError(f"{path}: not a readable pickle ({type(err).__name__}: {err}); {expected}") from err
+            raise DataError(f"{path}: not a readable pickle ({type(err).__name__}: {err}); {expected}") from err
 
 
 def read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -84,29 +85,29 @@ def read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarr
     expected = f"expected a CIFAR python batch: a pickled dict with b'data' uint8 [N, 3072] and {label_key!r} [N]"
     batch = load_pickle(path, expected)
     if not isinstance(batch, dict):
-        raise ValueError(f"{path}: got a pickled {type(batch).__name__}; {expected}")
+        raise DataError(f"{path}: got a pickled {type(batch).__name__}; {expected}")
     batch = {k.encode() if isinstance(k, str) else k: v for k, v in batch.items()}
     data, labels = batch.get(b"data"), batch.get(label_key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         got = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise ValueError(f"{path}: b'data' is {got}; {expected}")
+        raise DataError(f"{path}: b'data' is {got}; {expected}")
     try:
         labels = np.asarray(labels, dtype=np.int64)
     except (TypeError, ValueError):
-        raise ValueError(f"{path}: {label_key!r} is {type(labels).__name__}, not integers; {expected}") from None
+        raise DataError(f"{path}: {label_key!r} is {type(labels).__name__}, not integers; {expected}") from None
     if labels.shape != (data.shape[0],):
-        raise ValueError(f"{path}: {label_key!r} has shape {list(labels.shape)} for {data.shape[0]} images; {expected}")
+        raise DataError(f"{path}: {label_key!r} has shape {list(labels.shape)} for {data.shape[0]} images; {expected}")
     return data.reshape(-1, 3, 32, 32), labels
 
 
 def _resolve_root(root, folder: str, files: list[str], download: str) -> Path:
     if root is None:
-        raise FileNotFoundError(f"{folder}: root= is required (no default location). {download}")
+        raise DataNotFoundError(f"{folder}: root= is required (no default location). {download}")
     root = Path(root)
     base = root / folder if (root / folder).is_dir() else root
     missing = [str(base / f) for f in files if not (base / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder} files not found: {', '.join(missing)}. {download}")
+        raise DataNotFoundError(f"{folder} files not found: {', '.join(missing)}. {download}")
     return base
 
 
@@ -115,7 +116,7 @@ def _load_cifar(name, base: Path, files, label_key, num_classes, split, **datase
     images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     labels = np.concatenate([p[1] for p in parts])
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
+        raise DataError(
             f"{name} {split} in {base}: labels span [{labels.min()}, {labels.max()}]; expected [0, {num_classes - 1}]"
         )
     images_t = torch.from_numpy(np.ascontiguousarray(images))
@@ -175,5 +176,5 @@ def _cifar100_names(base: Path) -> list[str] | None:
     meta = load_pickle(path, expected)
     names = meta.get(b"fine_label_names", meta.get("fine_label_names")) if isinstance(meta, dict) else None
     if not isinstance(names, list) or len(names) != 100:
-        raise ValueError(f"{path}: no list of 100 b'fine_label_names'; {expected}")
+        raise DataError(f"{path}: no list of 100 b'fine_label_names'; {expected}")
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]

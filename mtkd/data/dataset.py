@@ -7,7 +7,18 @@ from functools import cached_property
 
 import torch
 
+from mtkd.errors import UserError
+
 Stats = tuple[float, ...]
+
+
+class DataError(UserError, ValueError):
+    """A dataset file is corrupt or unreadable, or asks for what the data cannot give (a subset
+    larger than the split, labels out of range)."""
+
+
+class DataNotFoundError(UserError, FileNotFoundError):
+    """A dataset's files, or the folder that should hold them, are missing."""
 
 
 @dataclass(eq=False)
@@ -123,7 +134,7 @@ def subset(dataset: ImageDataset, n: int, seed: int = 0) -> ImageDataset:
         seed: seed of the ``torch.Generator`` that picks the samples.
     """
     if not 1 <= n <= len(dataset):
-        raise ValueError(f"subset: n={n}; expected 1 <= n <= {len(dataset)} (size of {dataset.name}/{dataset.split})")
+        raise DataError(f"subset: n={n}; expected 1 <= n <= {len(dataset)} (size of {dataset.name}/{dataset.split})")
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(dataset), generator=generator)[:n].sort().values
     return ImageDataset(

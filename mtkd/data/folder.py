@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtkd.data.dataset import ImageDataset, channel_stats
+from mtkd.data.dataset import DataError, DataNotFoundError, ImageDataset, channel_stats
 from mtkd.data.registry import DATASETS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -15,10 +15,10 @@ _MODES = {1: "L", 3: "RGB"}
 
 def _class_dirs(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
-        raise FileNotFoundError(f"image_folder: no split folder {split_dir}; expected root/<split>/<class>/*.png|jpg")
+        raise DataNotFoundError(f"image_folder: no split folder {split_dir}; expected root/<split>/<class>/*.png|jpg")
     names = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     if not names:
-        raise ValueError(f"image_folder: {split_dir} has no class sub-folders; expected {split_dir}/<class>/*.png|jpg")
+        raise DataError(f"image_folder: {split_dir} has no class sub-folders; expected {split_dir}/<class>/*.png|jpg")
     return names
 
 
@@ -26,7 +26,7 @@ def _list_files(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[i
     """Image paths under ``split_dir`` (sorted per class) and their class indices in ``classes``."""
     unknown = sorted(set(_class_dirs(split_dir)) - set(classes))
     if unknown:
-        raise ValueError(f"image_folder: {split_dir} has classes {unknown} absent from the train split {classes}")
+        raise DataError(f"image_folder: {split_dir} has classes {unknown} absent from the train split {classes}")
     paths, labels = [], []
     for label, name in enumerate(classes):
         folder = split_dir / name
@@ -34,7 +34,7 @@ def _list_files(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[i
         paths += found
         labels += [label] * len(found)
     if not paths:
-        raise ValueError(f"image_folder: no .png/.jpg/.jpeg files under {split_dir}/<class>/")
+        raise DataError(f"image_folder: no .png/.jpg/.jpeg files under {split_dir}/<class>/")
     return paths, labels
 
 
@@ -44,17 +44,20 @@ def _decode(paths: list[Path], channels: int, size: tuple[int, int] | None) -> n
 
     arrays, first_size = [], None
     for path in paths:
-        with Image.open(path) as img:
-            img = img.convert(_MODES[channels])
-            if size is not None and img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            first_size = first_size or (img.size, path)
-            if img.size != first_size[0]:
-                raise ValueError(
-                    f"image_folder: {path} is {img.size[0]}x{img.size[1]} (WxH) but {first_size[1]} is "
-                    f"{first_size[0][0]}x{first_size[0][1]}; expected one size, or pass image_size= to resize"
-                )
-            arrays.append(np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], channels))
+        try:
+            with Image.open(path) as raw:
+                img = raw.convert(_MODES[channels])  # decodes the whole image
+        except OSError as err:  # Pillow's UnidentifiedImageError, a truncated file...
+            raise DataError(f"image_folder: {path} is not a readable image ({err}); expected a PNG or JPEG") from err
+        if size is not None and img.size != (size[1], size[0]):
+            img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        first_size = first_size or (img.size, path)
+        if img.size != first_size[0]:
+            raise DataError(
+                f"image_folder: {path} is {img.size[0]}x{img.size[1]} (WxH) but {first_size[1]} is "
+                f"{first_size[0][0]}x{first_size[0][1]}; expected one size, or pass image_size= to resize"
+            )
+        arrays.append(np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], channels))
     return np.stack(arrays)
 
 
@@ -91,7 +94,7 @@ def image_folder(
         data: {name: image_folder, kwargs: {root: /data/pets, channels: 3, image_size: 64}}
     """
     if root is None:
-        raise FileNotFoundError("image_folder: root= is required; expected a folder root/<split>/<class>/*.png|jpg")
+        raise DataNotFoundError("image_folder: root= is required; expected a folder root/<split>/<class>/*.png|jpg")
     if channels not in _MODES:
         raise ValueError(f"image_folder: channels={channels}; expected 1 (L) or 3 (RGB)")
     size = (image_size, image_size) if isinstance(image_size, int) else (tuple(image_size) if image_size else None)
@@ -101,7 +104,7 @@ def image_folder(
     images, labels = _read_split(root, split, classes, channels, size)
     if mean is None or std is None:
         if split != "train" and not train_dir.is_dir():
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"image_folder: split {split!r} is normalised with the train split's statistics, but {train_dir} "
                 "is missing; pass mean= and std= (per channel, [0, 1] scale)"
             )

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtkd.data.dataset import ImageDataset
+from mtkd.data.dataset import DataError, DataNotFoundError, ImageDataset
 from mtkd.data.registry import DATASETS
 
 IMAGES_MAGIC = 0x00000803
@@ -44,15 +44,15 @@ def read_idx(path: str | os.PathLike, magic: int) -> np.ndarray:
     expected = f"expected IDX{ndim} uint8 {'images' if ndim == 3 else 'labels'} (magic 0x{magic:08x})"
     data = _read_bytes(path, expected)
     if len(data) < 4 + 4 * ndim:
-        raise ValueError(f"{path}: {len(data)} bytes, too short for a header; {expected}")
+        raise DataError(f"{path}: {len(data)} bytes, too short for a header; {expected}")
     got_magic = int.from_bytes(data[:4], "big")
     if got_magic != magic:
-        raise ValueError(f"{path}: magic 0x{got_magic:08x}; {expected}")
+        raise DataError(f"{path}: magic 0x{got_magic:08x}; {expected}")
     dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
     header = 4 + 4 * ndim
     want = header + int(np.prod(dims))
     if len(data) != want:
-        raise ValueError(f"{path}: {len(data)} bytes; header dims {list(dims)} need {want} (truncated?); {expected}")
+        raise DataError(f"{path}: {len(data)} bytes; header dims {list(dims)} need {want} (truncated?); {expected}")
     return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
 
 
@@ -63,7 +63,7 @@ def _read_bytes(path: Path, expected: str) -> bytes:
     try:
         return zlib.decompress(raw, wbits=31)
     except zlib.error as err:
-        raise ValueError(f"{path}: corrupt gzip stream ({err}); {expected}") from None
+        raise DataError(f"{path}: corrupt gzip stream ({err}); {expected}") from None
 
 
 def _find(root: Path, stem: str) -> Path:
@@ -81,7 +81,7 @@ def load_idx_pair(root: str | os.PathLike, split: str, num_classes: int = 10) ->
 
     Raises:
         FileNotFoundError: a file is missing; the message lists the paths looked for.
-        ValueError: a file is not the expected IDX file, counts differ, or a label is out of range.
+        DataError: a file is not the expected IDX file, counts differ, or a label is out of range.
     """
     if split not in SPLIT_PREFIX:
         raise ValueError(f"unknown split {split!r} for IDX datasets; expected one of {sorted(SPLIT_PREFIX)}")
@@ -91,12 +91,12 @@ def load_idx_pair(root: str | os.PathLike, split: str, num_classes: int = 10) ->
     images = read_idx(images_path, IMAGES_MAGIC)
     labels = read_idx(labels_path, LABELS_MAGIC)
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(
+        raise DataError(
             f"{images_path} has {images.shape[0]} images but {labels_path} has {labels.shape[0]} labels; "
             "expected equal counts"
         )
     if labels.size and int(labels.max()) >= num_classes:
-        raise ValueError(f"{labels_path}: max label {int(labels.max())}; expected [0, {num_classes - 1}]")
+        raise DataError(f"{labels_path}: max label {int(labels.max())}; expected [0, {num_classes - 1}]")
     images_t = torch.from_numpy(images.copy()).unsqueeze(1)
     return images_t, torch.from_numpy(labels.astype(np.int64))
 
@@ -105,7 +105,7 @@ def _load_mnist_like(name: str, root: Path, split: str, how_to_get: str, **datas
     try:
         images, labels = load_idx_pair(root, split)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{name} {split} files not found; looked for: {err.args[0]}. {how_to_get}") from None
+        raise DataNotFoundError(f"{name} {split} files not found; looked for: {err.args[0]}. {how_to_get}") from None
     return ImageDataset(images, labels, 10, name, split, **dataset_kwargs)
 
 
@@ -149,7 +149,7 @@ def mnist(root=None, split="train", *, mean=None, std=None) -> ImageDataset:
         "and pass root= or set MTKD_MNIST_ROOT."
     )
     if not root:
-        raise FileNotFoundError(f"mnist needs root= (or the MTKD_MNIST_ROOT environment variable); got neither. {how}")
+        raise DataNotFoundError(f"mnist needs root= (or the MTKD_MNIST_ROOT environment variable); got neither. {how}")
     return _load_mnist_like(
         "mnist", Path(root), split, how,
         mean=mean or MNIST_STATS[0], std=std or MNIST_STATS[1], class_names=[str(d) for d in range(10)],

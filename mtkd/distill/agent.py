@@ -46,7 +46,8 @@ from .policy import PolicyNet
 from .reward import normalized_reward, reference_agent_loss
 from .state import AgentState, state_dim
 
-RULES = ("reference", "reinforce")
+RULES = ("reference", "reinforce", "meta")
+ACTOR_RULES = ("reference", "reinforce")  # rules whose agent may live in its own actor (stored experience)
 MIXINGS = ("static", "dynamic")
 _MIN_CONCENTRATION = 1e-3
 MAX_ABS_STATE = 1e6

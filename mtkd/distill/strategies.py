@@ -12,6 +12,7 @@ YAML::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -32,12 +33,20 @@ class StepInputs:
         targets: ``[B]``.
         state: the agent state, present when the strategy ``needs_state``.
         warmup: True during the warm-up epochs.
+        student_logits: ``[B, C]`` the student's logits of this step, detached.
+        student_embedding: ``[B, D]`` the student's embedding (the classifier's input), detached.
+        lr: the student's learning rate for this step.
+        temperature: the KD temperature T.
     """
 
     teacher_logits: list[torch.Tensor]
     targets: torch.Tensor
     state: AgentState | None = None
     warmup: bool = False
+    student_logits: torch.Tensor | None = None
+    student_embedding: torch.Tensor | None = None
+    lr: float = 0.0
+    temperature: float = 4.0
 
 
 @dataclass
@@ -130,31 +139,80 @@ class ConfidenceAware(Strategy):
         return Weights(w, w)
 
 
+@runtime_checkable
+class ExperienceAgent(Protocol):
+    """An agent that learns from stored experience (rules ``reference`` and ``reinforce``):
+    :class:`mtkd.distill.agent.Agent` in process, ``services.agent.proxy.AgentProxy`` on Ray."""
+
+    rule: str
+    version: int
+    last_update: dict
+
+    def act(self, state: AgentState) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(wL, wF)`` ``[B, M]`` for a batch's state, without gradient."""
+
+    def observe(self, vector: torch.Tensor, reward: torch.Tensor, weight_logit=None, weight_feature=None) -> bool:
+        """Store ``[B, dim]`` states and ``[B]`` raw rewards; True when the policy was updated."""
+
+    def end_epoch(self) -> bool:
+        """Update on what is stored; True when the policy was updated."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@runtime_checkable
+class StepAgent(Protocol):
+    """An agent that learns inside the student's step from the student's own outputs (rule ``meta``:
+    :class:`mtkd.distill.meta.MetaAgent`)."""
+
+    rule: str
+    version: int
+    last_update: dict
+
+    def step(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Learn from the previous step, then ``(wL, wF)`` ``[B, M]`` for this one, without gradient."""
+
+    def end_epoch(self) -> bool:
+        """True when the epoch's end updated the policy."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 @STRATEGIES.register(name="mtkd_rl")
 class ReinforcedWeights(Strategy):
     """MTKD-RL: an agent chooses the weights; ones during warm-up.
 
     Args:
-        agent: anything with ``act(state) -> (wL, wF)``, ``observe(vector, reward, wL, wF) -> bool``,
-            ``end_epoch() -> bool``, ``rule``, ``version``, ``last_update`` and ``state_dict``/
-            ``load_state_dict`` (:class:`mtkd.distill.agent.Agent` in process, a proxy to the
-            agent actor on Ray).
+        agent: an :class:`ExperienceAgent` (rules ``reference``, ``reinforce``) or a :class:`StepAgent`
+            (rule ``meta``).
     """
 
     needs_state = True
     needs_agent = True
 
-    def __init__(self, agent):
+    def __init__(self, agent: ExperienceAgent | StepAgent):
+        if not isinstance(agent, (ExperienceAgent, StepAgent)):
+            raise TypeError(f"{type(agent).__name__} is neither an ExperienceAgent nor a StepAgent")
         self.agent = agent
 
     def weights(self, inputs: StepInputs) -> Weights:
         if inputs.warmup:
             ones = _uniform(inputs, 1.0)
             return Weights(ones, ones)
+        if isinstance(self.agent, StepAgent):  # learns inside the step, from the student's own outputs
+            weight_logit, weight_feature = self.agent.step(inputs)
+            return Weights(weight_logit, weight_feature, {"agent/version": float(self.agent.version),
+                                                          **self.agent.last_update})
         weight_logit, weight_feature = self.agent.act(inputs.state)
         return Weights(weight_logit, weight_feature, {"agent/version": float(self.agent.version)})
 
     def observe(self, feedback: StepFeedback) -> dict[str, float]:
+        if isinstance(self.agent, StepAgent):
+            return {}
         if feedback.warmup and self.agent.rule == "reinforce":
             return {}  # no action was drawn from the policy: nothing to learn from
         acted = (feedback.weight_logit, feedback.weight_feature) if self.agent.rule == "reinforce" else (None, None)

@@ -24,11 +24,13 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
         ``Outputs(logits [B, C], embedding [B, D], feature [B, K, H', W'])``.
 
     Raises:
-        UnknownNameError: (a ``KeyError`` and ``ValueError``) for an unknown name; lists close matches.
+        UnknownNameError: (a :class:`mtkd.errors.UserError`, ``KeyError`` and ``ValueError``) for an
+            unknown name; lists close matches.
         ValueError: for a bad ``num_classes`` or ``in_channels``.
 
-    Example YAML:
-        ``student: {name: resnet56, kwargs: {}}``
+    In a config a model is named by a string (``student: resnet56`` in an experiment,
+    ``model: resnet20`` in a teacher-training file); the config takes no ``kwargs``, so the models it
+    builds use their family's defaults.
     """
     factory = MODELS.get(name)
     check_sizes(num_classes, in_channels)

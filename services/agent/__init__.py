@@ -1,6 +1,5 @@
-"""The MTKD-RL agent as a service: a Ray actor owning the policy, and a gRPC server/client.
+"""The MTKD-RL agent as a service: a Ray actor owning the policy (``reference`` and ``reinforce``
+rules) and the learner's proxy of it.
 
-The gRPC pieces live in :mod:`services.agent.grpc_server` (``serve``,
-``AgentServicer``, ``RemoteAgent``); they are not imported here, so importing this
-package needs neither gRPC nor Ray.
+Importing this package needs no Ray; :mod:`services.agent.actor` and :mod:`services.agent.proxy` do.
 """

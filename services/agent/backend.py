@@ -1,5 +1,5 @@
 """The agent behind a service boundary: :class:`mtkd.distill.Agent` with tensor-in/tensor-out
-verbs (what the Ray actor and the gRPC server expose). The learner's side of the Ray actor is
+verbs (what the Ray actor exposes). The learner's side of the Ray actor is
 :class:`services.agent.proxy.AgentProxy`."""
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ class AgentOutOfSync(RuntimeError):
 
 
 class AgentProxy:
-    """Duck type of :class:`mtkd.distill.Agent` for :class:`mtkd.distill.strategies.ReinforcedWeights`.
+    """An :class:`mtkd.distill.strategies.ExperienceAgent` whose agent lives in an actor.
 
     Args:
         actor: handle of the agent actor (an :class:`~services.agent.backend.AgentBackend`).

@@ -1,4 +1,5 @@
-"""``mtkd distill`` on Ray, the driver: join (or start) Ray, start the teacher actors and the agent
+"""``mtkd distill`` on Ray, the driver: join (or start) Ray, start the teacher actors and, for an
+agent rule that learns from stored experience (:func:`mtkd.engine.needs_agent_actor`), the agent
 actor, then run the learners with a Ray Train ``TorchTrainer``.
 
 The driver is thin and shares no disk with the learners. Checkpoints live in Ray Train's
@@ -17,6 +18,7 @@ import re
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -26,51 +28,60 @@ from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, Scalin
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Queue
 
-from mtkd.checkpoint import META_FILE, CheckpointError, read_json, write_json
-from mtkd.cli import USER_ERRORS
+from mtkd.checkpoint import CheckpointError, read_json, write_json
 from mtkd.config import ExperimentConfig, save_config, to_dict
 from mtkd.distill import STRATEGIES
-from mtkd.engine import agent_kwargs, check_agent_buffer, check_pool
+from mtkd.engine import PoolMismatchError, agent_kwargs, needs_agent_actor
+from mtkd.errors import RUN_ERRORS, UserError, error_class
 from mtkd.experiment import RunDirectory, load_checkpoint, load_data
 from mtkd.models import MODELS
-from mtkd.runner import KEEP_CHECKPOINTS, check_resumable, finish, plot_title, prepare_run_dir
+from mtkd.runner import KEEP_CHECKPOINTS, finish, plot_title, prepare_run_dir
 from services.agent.actor import start_agent_actor
 from services.cache import open_store
 from services.learner.events import EventWriter
 from services.teacher_server.pool import replica_resources, start_teacher_actors, stop_actors, teacher_source
 
-# Ray Train polls its workers every 2 s by default; a short run would spend most of its time waiting.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 RAY_RUN_FILE = "ray_run.json"
 PLACEMENT_NOTE_AFTER_S = 30.0
 PLACEMENT_TIMEOUT_S = 600.0
 log = logging.getLogger(__name__)
 
 
-class RayUnavailableError(ValueError):
+class RayUnavailableError(UserError, ValueError):
     """Ray could not be started or joined, or the run's actors cannot be placed on its cluster."""
 
 
 # ------------------------------------------------------------------------------- joining Ray
 def cluster_address(config: ExperimentConfig) -> str | None:
-    """The cluster to join: ``runtime.address``, else ``RAY_ADDRESS`` (set inside ``ray job submit``),
-    else a cluster started with ``ray start`` on this machine; None: start a private one.
-    ``runtime.address: local`` always starts a private one."""
+    """The cluster the config names: ``runtime.address`` (``local``: none), else ``RAY_ADDRESS``
+    (set inside ``ray job submit``); None when neither names one."""
     if config.runtime.address:
         return None if config.runtime.address == "local" else config.runtime.address
-    if os.environ.get("RAY_ADDRESS"):
-        return os.environ["RAY_ADDRESS"]
-    try:  # the cluster `ray start` recorded, if its GCS is alive (a crashed one leaves a stale record)
-        from ray._private.services import find_bootstrap_address, find_gcs_addresses
-
-        recorded = find_bootstrap_address(None)
-        return recorded if recorded and recorded in find_gcs_addresses() else None
-    except Exception:  # noqa: BLE001 - a private API; without it, only explicit addresses are joined
-        return None
+    return os.environ.get("RAY_ADDRESS") or None
 
 
-def ensure_ray(config: ExperimentConfig) -> bool:
-    """Join the cluster of :func:`cluster_address` or start a private local Ray; True if started here.
+@dataclass(frozen=True)
+class RayLink:
+    """How this process is on Ray.
+
+    Attributes:
+        started: this process started a private Ray (and stops it at the end).
+        private: the Ray is not a cluster that may grow: a run that cannot be placed is refused.
+    """
+
+    started: bool
+    private: bool
+
+
+def _quiet() -> dict:
+    """``ray.init`` settings: driver-side Ray logs at warnings, worker-side at errors."""
+    return {"logging_level": logging.WARNING, "logging_config": ray.LoggingConfig(log_level="ERROR")}
+
+
+def connect_ray(config: ExperimentConfig) -> RayLink:
+    """Join the cluster of :func:`cluster_address`; without one, join the cluster ``ray start``
+    started on this machine, else start a private local Ray (``runtime.address: local``: always
+    a private one). A Ray this process already joined is used as it is.
 
     A private Ray advertises at least the logical CPUs the run's actors ask for: teachers and the
     learner take turns (the learner waits on the teachers' outputs), so they can share cores.
@@ -78,23 +89,39 @@ def ensure_ray(config: ExperimentConfig) -> bool:
     Raises:
         RayUnavailableError: Ray cannot be joined or started (one line naming the cause).
     """
-    if ray.is_initialized():
-        return False
     address = cluster_address(config)
+    if ray.is_initialized():
+        return RayLink(started=False, private=address is None)
+    where = f"the Ray cluster at {address!r}" if address else "a private local Ray"
     try:
         if address:
-            ray.init(address=address, logging_level=logging.WARNING, logging_config=ray.LoggingConfig(log_level="ERROR"))
-            return False
-        num_cpus = max(float(os.cpu_count() or 1), logical_cpus_needed(config))
+            ray.init(address=address, **_quiet())
+            return RayLink(started=False, private=False)
+        num_cpus = math.ceil(max(float(os.cpu_count() or 1), logical_cpus_needed(config)))
         # Without the dashboard, Ray Train's placement-group cleaner cannot reach the state API and
         # warns every second; worker-side Ray logs are kept to errors.
-        ray.init(address="local", num_cpus=math.ceil(num_cpus), include_dashboard=False,
-                 logging_level=logging.WARNING, logging_config=ray.LoggingConfig(log_level="ERROR"))
-        return True
+        private = {"num_cpus": num_cpus, "include_dashboard": False, **_quiet()}
+        if config.runtime.address == "local":
+            ray.init(address="local", **private)
+            return RayLink(started=True, private=True)
+        try:  # address=None: Ray's own lookup, the cluster `ray start` recorded here, else a new local Ray
+            ray.init(**private)
+            return RayLink(started=True, private=True)
+        except ValueError as error:
+            if "existing cluster" not in str(error):
+                raise
+        # Ray found that cluster and refuses to size it (num_cpus): join it as it is
+        where = "the Ray cluster `ray start` recorded on this machine (`ray stop` forgets a crashed one)"
+        ray.init(**_quiet())
+        return RayLink(started=False, private=False)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
-        where = f"the Ray cluster at {address!r}" if address else "a private local Ray"
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RayUnavailableError(f"could not start or join {where}: {first_line}") from error
+
+
+def ensure_ray(config: ExperimentConfig) -> bool:
+    """:func:`connect_ray`; True if it started a private Ray (which the caller stops)."""
+    return connect_ray(config).started
 
 
 # ------------------------------------------------------------------------------- placement
@@ -215,17 +242,14 @@ def actor_failure(error: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------- checks
-def preflight(config: ExperimentConfig, descriptions: list[dict], train_set, storage: Path | str, name: str,
-              resume: bool) -> None:
-    """Driver-side checks before a learner starts: names, the pool against the dataset, the agent's
-    buffer, and on resume the pool and student against the run's newest checkpoint."""
+def preflight(config: ExperimentConfig, storage: Path | str, name: str, resume: bool) -> None:
+    """Driver-side checks before the teachers and learners start: names, and on resume that the Ray
+    Train run has a checkpoint. (The learners' :class:`mtkd.session.Session` checks the pool against
+    the data and the checkpoint, and returns what it refuses.)"""
     MODELS.get(config.student)
     STRATEGIES.get(config.distill.strategy)
-    check_pool(descriptions, train_set.num_classes, train_set.image_shape)
-    check_agent_buffer(config, descriptions, train_set.num_classes, len(train_set) // config.data.batch_size)
     if resume:
-        with latest_checkpoint(storage, name).as_directory() as folder:
-            check_resumable(read_json(Path(folder) / META_FILE), descriptions, config.student)
+        latest_checkpoint(storage, name)
 
 
 def latest_checkpoint(storage: Path | str, name: str):
@@ -254,9 +278,9 @@ def train_run_name(run: RunDirectory, storage: str, resume: bool) -> str:
 
 
 def raise_run_error(error: dict) -> None:
-    """Re-raise the library error a learner returned (same class, so the same exit code)."""
-    classes = {cls.__name__: cls for cls in USER_ERRORS}
-    cls = classes.get(error["type"], RuntimeError)
+    """Re-raise the library error a learner returned (:func:`services.learner.train_loop.run_error`):
+    same class, else its base (a class this process has not imported), so the same exit code."""
+    cls = error_class(error["type"]) or error_class(error.get("base", "")) or RuntimeError
     raise cls(error["message"])
 
 
@@ -265,7 +289,7 @@ def worker_error(error: BaseException) -> BaseException:
     for rank in sorted(getattr(error, "worker_failures", {}) or {}):
         failure = error.worker_failures[rank]
         cause = getattr(failure, "cause", None) or failure
-        if isinstance(cause, USER_ERRORS):
+        if isinstance(cause, RUN_ERRORS):
             return cause
     return error
 
@@ -282,26 +306,25 @@ def run_ray(config: ExperimentConfig, resume: bool = False, stop_after_epoch: in
     storage = config.runtime.storage_path or str(run.path / "ray")
     name = train_run_name(run, storage, resume)
     save_config(config, run.path / "config.yaml")
-    private = cluster_address(config) is None  # no autoscaler to wait for: refuse what cannot be placed
+    preflight(config, storage, name, resume)
     with open_store(config.cache.url, config.cache.max_memory_mb) as store:
-        started = ensure_ray(config)
-        warn_if_local_cache(config.cache.url, private)
-        return _run(config, run, storage, name, resume, stop_after_epoch, progress, private, started,
+        link = connect_ray(config)
+        warn_if_local_cache(config.cache.url, link.private)
+        return _run(config, run, storage, name, stop_after_epoch, progress, link,
                     store.url if store is not None else None)
 
 
-def _run(config: ExperimentConfig, run: RunDirectory, storage: str, name: str, resume: bool,
-         stop_after_epoch: int | None, progress: bool, private: bool, started: bool, cache_url: str | None) -> dict:
+def _run(config: ExperimentConfig, run: RunDirectory, storage: str, name: str, stop_after_epoch: int | None,
+         progress: bool, link: RayLink, cache_url: str | None) -> dict:
     teacher_handles: list[list] = []
     agent = events = None
     try:
         use_gpu = learners_use_gpu(config)
-        check_resources(config, use_gpu, private)
+        check_resources(config, use_gpu, link.private)
         start_teacher_actors(config, into=teacher_handles, cache_url=cache_url)
         descriptions = describe_teachers(teacher_handles)
         train_set, _ = load_data(config.data, config.seed)
-        preflight(config, descriptions, train_set, storage, name, resume)
-        if STRATEGIES.get(config.distill.strategy).needs_agent:
+        if needs_agent_actor(config):  # else the learner's engine builds the agent in its own process
             agent = start_agent_actor([int(d["embedding_dim"]) for d in descriptions], _num_classes(descriptions),
                                       **agent_kwargs(config))
         events = Queue(actor_options={"num_cpus": 0})
@@ -330,7 +353,7 @@ def _run(config: ExperimentConfig, run: RunDirectory, storage: str, name: str, r
         for actor in (agent, getattr(events, "actor", None)):
             if actor is not None:
                 ray.kill(actor)
-        if started:
+        if link.started:
             ray.shutdown()
 
 
@@ -351,7 +374,7 @@ def summarise(config: ExperimentConfig, run: RunDirectory, result, train_set, de
 def _num_classes(descriptions: list[dict]) -> int:
     classes = {int(d["num_classes"]) for d in descriptions}
     if len(classes) != 1:
-        raise ValueError(f"teachers disagree on the class count: {sorted(classes)}")
+        raise PoolMismatchError(f"teachers disagree on the class count: {sorted(classes)}")
     return classes.pop()
 
 
@@ -362,5 +385,5 @@ def _train_loop(loop_config: dict) -> dict:
     return train_loop_per_worker(loop_config)
 
 
-__all__ = ["RayUnavailableError", "check_resources", "cluster_address", "ensure_ray", "logical_cpus_needed",
-           "preflight", "run_ray", "worker_error"]
+__all__ = ["RayLink", "RayUnavailableError", "check_resources", "cluster_address", "connect_ray", "ensure_ray",
+           "learner_demand", "logical_cpus_needed", "preflight", "run_ray", "worker_error"]

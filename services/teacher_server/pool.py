@@ -1,6 +1,7 @@
 """The teacher pool on Ray: N replicas per teacher placed by their own resources, requests
-round-robin over replicas, a bound on requests in flight. It has the verbs of
-:class:`mtkd.teachers.LocalTeacherPool` (``describe``, ``submit``, ``collect``), so the engine
+round-robin over replicas, a bound on requests in flight. Like
+:class:`mtkd.teachers.LocalTeacherPool` it is a :class:`mtkd.teachers.TeacherPool` (``describe``,
+``submit``, ``collect``, ``take_stats``, ``close``, ``accepts_device_batches``), so the engine
 cannot tell them apart."""
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import ray
 
 from mtkd.cache import cache_metrics
-from mtkd.config import ExperimentConfig, RuntimeConfig, TeacherSpec
+from mtkd.config import ConfigError, ExperimentConfig, RuntimeConfig, TeacherSpec
 from mtkd.models import Outputs
 
 from .actor import TeacherActor, outputs_from_wire
@@ -23,12 +24,12 @@ DEFAULT_TIMEOUT_S = 600.0
 def teacher_source(spec: TeacherSpec) -> dict:
     """The actor's constructor argument for a :class:`mtkd.config.TeacherSpec`."""
     if bool(spec.checkpoint) == bool(spec.address):
-        raise ValueError(f"teacher {spec.name!r}: give exactly one of checkpoint and address")
+        raise ConfigError(f"teacher {spec.name!r}: give exactly one of checkpoint and address")
     token = None
     if spec.token_file:
         token = Path(spec.token_file).read_text().strip()
         if not token:
-            raise ValueError(f"teacher {spec.name or spec.address!r}: token file {spec.token_file!r} is empty")
+            raise ConfigError(f"teacher {spec.name or spec.address!r}: token file {spec.token_file!r} is empty")
     return {"checkpoint": spec.checkpoint, "address": spec.address, "name": spec.name or None, "token": token,
             "root_cert": spec.root_cert}
 
@@ -75,7 +76,7 @@ class _Ticket:
 
 
 class RayTeacherPool:
-    """Teacher source backed by actors.
+    """The :class:`mtkd.teachers.TeacherPool` backed by actors.
 
     Args:
         handles: per teacher, its replica handles (from :func:`start_teacher_actors`).

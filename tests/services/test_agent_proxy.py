@@ -8,13 +8,24 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from mtkd.distill import Agent  # noqa: E402
+from mtkd.distill import Agent, agent_state  # noqa: E402
 from services.agent.actor import start_agent_actor  # noqa: E402
 from services.agent.proxy import AgentOutOfSync, AgentProxy  # noqa: E402
 
-from test_agent_service import CLASSES, DIMS, batches  # noqa: E402
-
 pytestmark = pytest.mark.ray
+DIMS, CLASSES, BATCH = [8, 16], 5, 12
+
+
+def batches(count: int, seed: int = 0):
+    """``count`` random (agent state, raw reward) pairs of a two-teacher pool."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        rand = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
+        maps = [rand(BATCH, d, 2, 2) for d in DIMS]
+        state = agent_state(maps, [rand(BATCH, d) for d in DIMS], rand(BATCH, CLASSES),
+                            [rand(BATCH, CLASSES) for _ in DIMS], torch.randint(0, CLASSES, (BATCH,), generator=generator),
+                            4.0)
+        yield state, rand(BATCH)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -34,6 +34,15 @@ def test_format_table_shows_each_students_gain_over_ce_and_aver():
     assert lines[5].split() == ["resnet8", "student", "mtkd_rl", "82.75%", "+2.75", "+1.25"]
 
 
+def test_format_table_adds_a_camkd_column_when_camkd_ran():
+    table = format_table([("resnet8", "student", "ce", 0.80), ("resnet8", "student", "aver", 0.815),
+                          ("resnet8", "student", "camkd", 0.82), ("resnet8", "student", "mtkd_rl", 0.8275)])
+    lines = table.splitlines()
+    assert lines[0].split()[-2:] == ["vs", "camkd"]
+    assert lines[4].split() == ["resnet8", "student", "camkd", "82.00%", "+2.00", "+0.50"]
+    assert lines[5].split() == ["resnet8", "student", "mtkd_rl", "82.75%", "+2.75", "+1.25", "+0.75"]
+
+
 @pytest.mark.ray
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 def test_demo_runs_end_to_end_on_ray_and_reuses_its_teachers(tmp_path):
@@ -42,11 +51,11 @@ def test_demo_runs_end_to_end_on_ray_and_reuses_its_teachers(tmp_path):
     first = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Traceback" not in first.stderr and "core_worker" not in first.stderr, first.stderr[-3000:]
-    assert first.stderr.count("epoch 2/2") == 3  # one line per epoch and run, no repeats
+    assert first.stderr.count("epoch 2/2") == 4  # one line per epoch and run, no repeats
     table = first.stdout[: first.stdout.index("\nplots:")]
-    assert re.search(r"resnet8\s+student\s+mtkd_rl\s+\d+\.\d\d%\s+[+-]\d+\.\d\d\s+[+-]\d+\.\d\d", table), table
+    assert re.search(r"resnet8\s+student\s+mtkd_rl\s+\d+\.\d\d%(\s+[+-]\d+\.\d\d){3}", table), table
     summary = json.loads(first.stdout[first.stdout.index("{"):])
-    assert {r["strategy"] for r in summary["table"] if r["role"] == "student"} == {"ce", "aver", "mtkd_rl"}
+    assert {r["strategy"] for r in summary["table"] if r["role"] == "student"} == {"ce", "aver", "camkd", "mtkd_rl"}
     for plot in ("comparison_plot", "class_trust_plot"):
         assert Path(summary[plot]).stat().st_size > 5000, plot
     mtkd_rl = [json.loads(line) for line in (tmp_path / "demo" / "mtkd_rl" / "metrics.jsonl").read_text().splitlines()]
@@ -66,7 +75,7 @@ def test_accuracy_benchmark_quick_mode(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)
-    assert set(report["strategies"]) == {"ce", "aver", "mtkd_rl"} and report["seeds"] == [0, 1]
+    assert set(report["strategies"]) == {"ce", "aver", "camkd", "mtkd_rl"} and report["seeds"] == [0, 1]
     for entry in report["strategies"].values():
         assert len(entry["final"]["values"]) == 2 and all(0 < v <= 1 for v in entry["final"]["values"])
     # per seed, aver computes the teachers' outputs and mtkd_rl (same batches) reads them all

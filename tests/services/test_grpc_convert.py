@@ -1,11 +1,11 @@
-"""services.convert without a network: tensor encoding, validation messages, chunking, policies."""
+"""services.convert without a network: tensor encoding, validation messages, chunking."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from mtkd.models.outputs import Outputs
-from services._generated.mtkd.v1 import agent_pb2, tensor_pb2
+from services._generated.mtkd.v1 import tensor_pb2
 from services.convert import (
     InvalidMessage,
     InvalidTensor,
@@ -13,8 +13,6 @@ from services.convert import (
     iter_response_chunks,
     join_response_chunks,
     outputs_to_response,
-    policy_from_proto,
-    policy_to_proto,
     proto_to_tensor,
     response_to_outputs,
     tensor_to_proto,
@@ -123,17 +121,6 @@ def test_fields_from_proto():
     assert fields_from_proto([3, 1, 3]) == ("logits", "feature")
     with pytest.raises(InvalidMessage, match=r"unknown values \[0\]"):
         fields_from_proto([0])
-
-
-def test_policy_is_safetensors_and_rejects_garbage():
-    state_dict = {"stem.weight": torch.randn(4, 3), "head.bias": torch.randn(2)}
-    state_dict["alias"] = state_dict["stem.weight"][0]  # shared storage is fine
-    msg = policy_to_proto(5, state_dict)
-    version, back = policy_from_proto(msg)
-    assert version == 5 and back.keys() == state_dict.keys()
-    assert all(torch.equal(back[k], v) for k, v in state_dict.items())
-    with pytest.raises(InvalidMessage, match="not a valid safetensors file"):
-        policy_from_proto(agent_pb2.Policy(version=1, safetensors=b"\x80\x04pickle?"))
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)

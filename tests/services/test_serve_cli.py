@@ -1,4 +1,4 @@
-"""`mtkd serve-teacher` / `serve-agent` refuse nonsense at start-up: one line, exit code 2.
+"""`mtkd serve-teacher` refuses nonsense at start-up: one line, exit code 2.
 
 Every test runs the real command in a subprocess (``python -m services.cli``), as a user would.
 """
@@ -44,8 +44,7 @@ def _pair(directory: Path) -> tuple[Path, Path]:
     return _self_signed_cert(directory)
 
 
-# resnet8 teacher, [1, 28, 28] images: 3136 bytes each in float32. Agent (resnet8 + vgg8 pool):
-# state_dim 602 and 2 teachers, (602 + 1 + 2 * 2) * 4 bytes per sample.
+# resnet8 teacher, [1, 28, 28] images: 3136 bytes each in float32.
 REFUSALS = {
     "port-too-large": (["--port", "70000"], "--port 70000 is out of range; expected 0..65535 (0: any free port)"),
     "port-negative": (["--port", "-1"], "--port -1 is out of range"),
@@ -62,8 +61,6 @@ REFUSALS = {
     "tls-key-not-a-key": (["--tls-cert", "{a}/cert.pem", "--tls-key", "{a}/garbage.pem"], "cannot load the TLS pair"),
     "port-in-use": (["--port", "{taken}"], "--host 127.0.0.1 --port {taken}: Failed to bind 127.0.0.1:{taken}: "
                                            "the port is in use"),
-    "agent-batch-over-message": (["--max-batch", "5000", "--max-message-mb", "4"],
-                                 "--max-batch 5000 with --max-message-mb 4: max_batch is 5000; expected 1..1727"),
 }
 
 
@@ -74,7 +71,6 @@ def refusals(teacher_dirs, tmp_path_factory) -> dict[str, tuple[subprocess.Compl
     _pair(root / "a")
     _pair(root / "b")
     (root / "a" / "garbage.pem").write_text("not a key")
-    teachers = ", ".join(f"{{checkpoint: {d}}}" for d in teacher_dirs)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -82,9 +78,7 @@ def refusals(teacher_dirs, tmp_path_factory) -> dict[str, tuple[subprocess.Compl
         commands = {}
         for case, (args, message) in REFUSALS.items():
             args = [a.format(**names) for a in args]
-            head = ["serve-agent", f"teachers=[{teachers}]"] if case.startswith("agent") else \
-                ["serve-teacher", teacher_dirs[0]]
-            commands[case] = (head + args, message.format(**names))
+            commands[case] = (["serve-teacher", teacher_dirs[0], *args], message.format(**names))
         with ThreadPoolExecutor(max_workers=4) as pool:
             results = dict(zip(commands, pool.map(lambda c: run_cli(c[0]), commands.values())))
     return {case: (results[case], commands[case][1]) for case in commands}

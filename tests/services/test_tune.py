@@ -18,7 +18,10 @@ import yaml
 
 from mtkd.checkpoint import CheckpointError
 from mtkd.config import ConfigError, ExperimentConfig, load_config
-from services.tune import load_saved_search, load_tune, main, newest_checkpoint, parse_tune, run_tune
+from mtkd.experiment import load_checkpoint
+from services.cli import main
+from services.tune import load_saved_search, load_tune, parse_tune
+from services.tune.driver import run_tune
 
 from conftest import needs_fashion
 
@@ -72,8 +75,11 @@ def test_a_tune_file_loads_with_dotted_or_nested_keys_and_an_experiment_file(tmp
     ({"distill.temperature": {"uniform": [6, 2]}}, {}, "expected finite lo < hi"),
     ({"distill.beta": {"loguniform": [0, 2]}}, {}, "expected 0 < lo < hi"),
     ({"agent.agent_step": {"uniform": [1, 5]}}, {}, "samples real numbers but agent.agent_step is a int field"),
-    ({"distill.strategy": {"choice": ["aver", "mtkd-rl"]}}, {}, r"search_space.distill.strategy='mtkd-rl': unknown "
-                                                                "strategy 'mtkd-rl'; did you mean 'mtkd_rl'"),
+    ({"distill.strategy": {"choice": ["aver", "mtkd-rl"]}}, {}, r"search_space.distill.strategy='mtkd-rl': "
+                                                                "distill.strategy: unknown strategy 'mtkd-rl'; did "
+                                                                "you mean 'mtkd_rl'"),
+    ({"optim.epochs": {"choice": [0, 2]}}, {}, r"search_space.optim.epochs=0: optim.epochs: a trial trains at least "
+                                               "one epoch"),
     ({"agent.mixing": {"grid": ["static", "dinamic"]}}, {}, "agent.mixing: expected one of static, dynamic"),
     ({"optim.epochs": {"choice": [2, "three"]}}, {}, "optim.epochs: expected int, got 'three'"),
     ({"distill.beta": {"uniform": [1, 2]}}, {"grace_period": 3}, "tune.grace_period=3 exceeds the most epochs"),
@@ -111,6 +117,25 @@ def test_a_fresh_search_refuses_a_folder_that_holds_one(tmp_path):
     (tmp_path / "search" / "tuner.pkl").write_bytes(b"")
     with pytest.raises(FileExistsError, match="already holds a search; pass --resume"):
         run_tune(spec, progress=False)  # refused before Ray or any actor starts
+
+
+def test_a_trial_takes_a_checkpoint_on_disk_only_when_it_is_newer_than_tunes(tmp_path):
+    import torch
+
+    from mtkd.experiment import save_checkpoint
+    from services.tune.trial import newer_checkpoint
+
+    trial = tmp_path / "trial_x"
+    for index, epoch in enumerate((1, 2)):
+        save_checkpoint(trial / f"checkpoint_00000{index}", {"module": {"w": torch.full((1,), float(epoch))},
+                                                             "strategy": {}}, {"epoch": epoch})
+    cut_short = trial / "checkpoint_000002"  # killed while Tune copied it: its metadata, no weights
+    cut_short.mkdir()
+    (cut_short / "meta.json").write_text(json.dumps({"epoch": 3}))
+    state, meta, folder = newer_checkpoint(trial, known_epoch=1)  # Tune's state knows epoch 1 only
+    assert meta["epoch"] == 2 and folder.name == "checkpoint_000001" and state["module"]["w"].item() == 2.0
+    assert newer_checkpoint(trial, known_epoch=2) is None  # Tune's checkpoint is the newest: use it
+    assert newer_checkpoint(tmp_path / "elsewhere", known_epoch=0) is None  # storage the trial cannot list
 
 
 # ---------------------------------------------------------------------------- real searches on Ray
@@ -273,10 +298,26 @@ def checkpointed_trials(tune_dir: Path) -> dict[str, dict]:
     """Per trial folder, the meta of its newest checkpoint that loads."""
     found = {}
     for folder in sorted(tune_dir.glob("trial_*")):
-        newest = newest_checkpoint(folder)
-        if newest is not None:
-            found[folder.name.removeprefix("trial_")] = newest[1]
+        for checkpoint in sorted(folder.glob("checkpoint_*"), reverse=True):
+            try:
+                found[folder.name.removeprefix("trial_")] = load_checkpoint(checkpoint)[1]
+                break
+            except (CheckpointError, OSError, ValueError, KeyError, RuntimeError):
+                continue  # being written
     return found
+
+
+def tune_known_epochs(tune_dir: Path) -> dict[str, int]:
+    """Per trial, the epoch of the checkpoint that Tune's saved state holds, i.e. what
+    ``tune.get_checkpoint()`` hands the trial on resume (0: none)."""
+    from ray import tune
+
+    known = {}
+    for trial in tune.ExperimentAnalysis(str(tune_dir)).trials:
+        checkpoint = trial.checkpoint
+        meta = json.loads((Path(checkpoint.path) / "meta.json").read_text()) if checkpoint else {"epoch": 0}
+        known[trial.trial_id] = meta["epoch"]
+    return known
 
 
 @needs_fashion
@@ -288,10 +329,15 @@ def test_a_killed_search_resumes_and_completes_without_redoing_finished_trials(t
                                               "distill.beta": {"loguniform": [1, 10]}},
                      {"num_samples": 4, "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 1})
     search_dir, log = tmp_path / "search", tmp_path / "tune.log"
+    # Tune saves its state (which trial holds which checkpoint) now and then, after the checkpoint
+    # folders are written. An hour between saves (Tune still saves once a trial wrote num_to_keep=2
+    # checkpoints since the last save) makes the kill below land in that gap every time: the second
+    # trial's checkpoint is on disk, Tune's state does not know it.
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "3600"}
     with open(log, "w") as stream:
-        process = subprocess.Popen([sys.executable, "-m", "services.tune", "tune", "--config", str(path), "--quiet",
+        process = subprocess.Popen([sys.executable, "-m", "services.cli", "tune", "--config", str(path), "--quiet",
                                     "--address", "local"], cwd=REPO, stdout=stream, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, env=env)
     try:
         # one trial at a time: kill once the second trial has reported (the first one has then finished)
         deadline = time.time() + 240
@@ -306,6 +352,11 @@ def test_a_killed_search_resumes_and_completes_without_redoing_finished_trials(t
     assert len(before) >= 2 and not (search_dir / "results.jsonl").exists()
     finished = [trial for trial, meta in before.items() if meta["epoch"] == 2]
     assert finished, f"no trial had finished at the kill: {before}"
+    # the gap: tune.get_checkpoint() alone would hand a trial an older checkpoint (or none) than its folder holds
+    known = tune_known_epochs(search_dir / "search")
+    behind = {trial: (known.get(trial, 0), meta["epoch"]) for trial, meta in before.items()
+              if meta["epoch"] > known.get(trial, 0)}
+    assert behind, f"Tune's saved state knew every checkpoint at the kill: {known}"
 
     assert main(["tune", "--resume", str(search_dir), "--quiet"]) == 0
     out = capsys.readouterr().out
