@@ -124,8 +124,21 @@ class _Describe:
     def __init__(self, descriptions: list[dict]):
         self.descriptions = descriptions
 
+    accepts_device_batches = False
+
     def describe(self) -> list[dict]:
         return self.descriptions
+
+    def submit(self, batch):
+        raise NotImplementedError("the learner-alone measurement hands the teachers' outputs to step() itself")
+
+    collect = submit
+
+    def take_stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
 def learner_config(args, tmp: str, prefetch: int) -> ExperimentConfig:

@@ -465,10 +465,12 @@ class TeacherOutputCache:
 
 
 class CachedPool:
-    """The teacher-pool interface (``describe``, ``submit``, ``collect``) over a
-    :class:`TeacherOutputCache`; set :attr:`epoch` before each epoch. With ``mirror``, a last teacher
-    ``mirror`` (teacher 0's description, embedding dim = its feature channels) whose outputs are a
-    placeholder that the R3 transform replaces."""
+    """A :class:`mtkd.teachers.TeacherPool` over a :class:`TeacherOutputCache`; set :attr:`epoch`
+    before each epoch. With ``mirror``, a last teacher ``mirror`` (teacher 0's description, embedding
+    dim = its feature channels) whose outputs are a placeholder that the R3 transform replaces.
+
+    Device batches are accepted: the wrapped :class:`LocalTeacherPool` accepts them and the cache
+    keys on the batch index, comparing sample indices on the CPU."""
 
     accepts_device_batches = True
 
@@ -492,6 +494,12 @@ class CachedPool:
         if self.mirror:
             outputs.append(Outputs(None, None, None))  # replaced by the R3 transform
         return outputs
+
+    def take_stats(self) -> dict[str, float]:
+        return {}  # the cache's hits and misses are the benchmark's, not the run's metrics
+
+    def close(self) -> None:
+        pass  # the cache outlives the pool: every run of the seed shares it
 
 
 # ============================================================================ one run

@@ -5,8 +5,8 @@ The installed ``mtkd`` console script (``services.cli``) extends this parser wit
 
 Exit codes: 0 done; 2 a user error (:class:`mtkd.errors.UserError`: bad config, missing or corrupt
 checkpoint or data, mismatched pool), one line on stderr; 3 a numeric error
-(:class:`mtkd.errors.NumericError`: NaN/inf loss), one line; anything else is a bug and shows
-its traceback.
+(:class:`mtkd.errors.NumericError`: NaN/inf loss, failed agent update), one line; anything else is a
+bug and shows its traceback.
 """
 from __future__ import annotations
 
@@ -17,13 +17,6 @@ from typing import Callable
 
 from mtkd import errors
 from mtkd.config import ConfigError, ExperimentConfig, TeacherTrainConfig, check_runnable, load_config
-from mtkd.distill.agent import AgentUpdateError
-
-# Until mtkd/distill/agent.py derives it from mtkd.errors.NumericError, AgentUpdateError is listed here.
-NUMERIC_ERRORS = (*errors.NUMERIC_ERRORS, AgentUpdateError)
-"""Exit 3: the run's numbers went wrong."""
-USER_ERRORS = errors.USER_ERRORS
-"""Exit 2: the user asked for something that cannot be done (caught after :data:`NUMERIC_ERRORS`)."""
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -110,10 +103,10 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = args.func(args)
-    except NUMERIC_ERRORS as exc:
+    except errors.NUMERIC_ERRORS as exc:
         print(f"mtkd: error: {one_line(exc)} (the last good checkpoint is kept)", file=sys.stderr)
         return errors.NUMERIC_EXIT
-    except USER_ERRORS as exc:
+    except errors.USER_ERRORS as exc:
         print(f"mtkd: error: {one_line(exc)}", file=sys.stderr)
         return errors.USER_EXIT
     if summary is not None:

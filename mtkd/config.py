@@ -6,97 +6,31 @@ against their bounds and registries (strategy, agent rule, model and dataset nam
 section is built, so a bad value fails at load with one :class:`ConfigError` naming the key, what
 it got and what it expects. ``key.sub=value`` overrides (values parsed as YAML scalars) apply on
 top of a file.
+
+This module holds the sections; the value checks live in :mod:`mtkd.config_checks` and the
+loading (YAML, overrides, types) in :mod:`mtkd.config_loader`. Programs import every name from
+here (``from mtkd.config import ConfigError, load_config``).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import yaml
+from mtkd.config_checks import (ConfigError, amounts, at_least, check_device, choice, in_range, is_number, one_of,
+                                optional_at_least, registered)
+from mtkd.config_loader import apply_overrides, from_dict, load_config, read_yaml, save_config, to_dict
 
-from mtkd.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration file, override or command-line value is invalid (CLI exit 2). The message
-    names the key, what it got and what it expects."""
-
+__all__ = [
+    "AgentConfig", "CacheConfig", "ConfigError", "DataConfig", "DistillConfig", "ExperimentConfig", "OptimConfig",
+    "RuntimeConfig", "TeacherSpec", "TeacherTrainConfig", "apply_overrides", "check_device", "check_runnable",
+    "from_dict", "load_config", "read_yaml", "save_config", "to_dict",
+]
 
 RUNTIMES = ("ray", "inprocess")
 CACHE_SCHEMES = ("redis", "rediss", "unix")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("step", "onecycle")
 SEED_LIMIT = 2**32  # seeds are in [0, 2**32), as numpy and most tools take them
-
-
-def _choice(where: str, value: Any, valid: tuple[str, ...]) -> None:
-    if isinstance(value, str) and value not in valid:
-        raise ConfigError(f"{where}: unknown value {value!r} (valid: {', '.join(valid)})")
-
-
-def _one_of(where: str, value: Any, valid: tuple[str, ...]) -> None:
-    """Raise unless ``value`` is one of ``valid`` (the message lists them)."""
-    if isinstance(value, str) and value not in valid:
-        raise ConfigError(f"{where}: expected one of {', '.join(valid)}, got {value!r}")
-
-
-def _registered(where: str, name: Any, registry: Any) -> None:
-    """Raise unless ``name`` is in ``registry``; the message is the registry's (close matches, valid names)."""
-    from mtkd.registry import UnknownNameError
-
-    if isinstance(name, str):
-        try:
-            registry.get(name)
-        except UnknownNameError as error:
-            raise ConfigError(f"{where}: {error}") from None
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _at_least(where: str, value: Any, low: float, strict: bool = False) -> None:
-    """Raise unless ``value >= low`` (``> low`` when ``strict``); NaN fails too."""
-    if _number(value) and not (value > low if strict else value >= low):
-        raise ConfigError(f"{where}: must be {'>' if strict else '>='} {_fmt(low)}, got {value!r}")
-
-
-def _in_range(where: str, value: Any, low: float, high: float) -> None:
-    """Raise unless ``low <= value < high``."""
-    if _number(value) and not low <= value < high:
-        raise ConfigError(f"{where}: must be in [{_fmt(low)}, {_fmt(high)}), got {value!r}")
-
-
-def _fmt(bound: float) -> str:
-    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
-
-
-def _optional_at_least(where: str, value: Any, low: float, strict: bool = False) -> None:
-    if value is not None:
-        _at_least(where, value, low, strict)
-
-
-def _amounts(where: str, resources: Any) -> None:
-    """Custom Ray resources: each amount a number >= 0."""
-    if isinstance(resources, dict):
-        for name, amount in resources.items():
-            _at_least(f"{where}.{name}", amount, 0)
-
-
-def check_device(value: Any, where: str = "device") -> None:
-    """Raise :class:`ConfigError` unless ``value`` is auto, cpu, cuda or cuda:N."""
-    if not isinstance(value, str):
-        return  # the type check names it
-    head, _, index = value.partition(":")
-    if head not in ("auto", "cpu", "cuda") or (index and (head != "cuda" or not index.isdigit())):
-        raise ConfigError(f"{where}: unknown device {value!r} (valid: auto, cpu, cuda, cuda:N)")
 
 
 @dataclass
@@ -127,16 +61,16 @@ class DataConfig:
     def __post_init__(self) -> None:
         from mtkd.data import DATASETS
 
-        _registered("data.name", self.name, DATASETS)
+        registered("data.name", self.name, DATASETS)
         if self.name == "image_folder" and not self.root:
             raise ConfigError("data.root: data.name=image_folder needs a folder root/<split>/<class>/*.png|jpg, got "
                               "None")
-        _optional_at_least("data.train_subset", self.train_subset, 1)
-        _optional_at_least("data.test_subset", self.test_subset, 1)
-        _at_least("data.batch_size", self.batch_size, 1)
-        _at_least("data.eval_batch_size", self.eval_batch_size, 1)
-        _at_least("data.crop_padding", self.crop_padding, 0)
-        _at_least("data.augment_bank", self.augment_bank, 0)
+        optional_at_least("data.train_subset", self.train_subset, 1)
+        optional_at_least("data.test_subset", self.test_subset, 1)
+        at_least("data.batch_size", self.batch_size, 1)
+        at_least("data.eval_batch_size", self.eval_batch_size, 1)
+        at_least("data.crop_padding", self.crop_padding, 0)
+        at_least("data.augment_bank", self.augment_bank, 0)
 
 
 @dataclass
@@ -161,17 +95,17 @@ class OptimConfig:
     decay to ``lr / 1e4`` (``torch.optim.lr_scheduler.OneCycleLR``'s shape)."""
 
     def __post_init__(self) -> None:
-        _choice("optim.schedule", self.schedule, SCHEDULES)
-        _at_least("optim.epochs", self.epochs, 0)
-        _at_least("optim.lr", self.lr, 0, strict=True)
-        _in_range("optim.momentum", self.momentum, 0, 1)
-        if self.nesterov is True and _number(self.momentum) and self.momentum == 0:
+        choice("optim.schedule", self.schedule, SCHEDULES)
+        at_least("optim.epochs", self.epochs, 0)
+        at_least("optim.lr", self.lr, 0, strict=True)
+        in_range("optim.momentum", self.momentum, 0, 1)
+        if self.nesterov is True and is_number(self.momentum) and self.momentum == 0:
             raise ConfigError("optim.nesterov: Nesterov needs momentum; expected optim.momentum > 0 or "
                               "optim.nesterov=false, got optim.momentum=0")
-        _at_least("optim.weight_decay", self.weight_decay, 0)
+        at_least("optim.weight_decay", self.weight_decay, 0)
         for i, milestone in enumerate(self.milestones if isinstance(self.milestones, list) else []):
-            _at_least(f"optim.milestones[{i}]", milestone, 0)
-        _at_least("optim.gamma", self.gamma, 0, strict=True)
+            at_least(f"optim.milestones[{i}]", milestone, 0)
+        at_least("optim.gamma", self.gamma, 0, strict=True)
 
 
 @dataclass
@@ -210,10 +144,10 @@ class TeacherSpec:
             if getattr(self, name) and not self.address:
                 raise ConfigError(f"{where}.{name}: only a served teacher (address) takes one, got "
                                   f"{getattr(self, name)!r} with checkpoint {self.checkpoint!r}")
-        _at_least(f"{where}.replicas", self.replicas, 1)
-        _optional_at_least(f"{where}.num_cpus", self.num_cpus, 0)
-        _optional_at_least(f"{where}.num_gpus", self.num_gpus, 0)
-        _amounts(f"{where}.resources", self.resources)
+        at_least(f"{where}.replicas", self.replicas, 1)
+        optional_at_least(f"{where}.num_cpus", self.num_cpus, 0)
+        optional_at_least(f"{where}.num_gpus", self.num_gpus, 0)
+        amounts(f"{where}.resources", self.resources)
 
 
 @dataclass
@@ -230,10 +164,10 @@ class DistillConfig:
     def __post_init__(self) -> None:
         from mtkd.distill import STRATEGIES
 
-        _registered("distill.strategy", self.strategy, STRATEGIES)
-        _at_least("distill.temperature", self.temperature, 0, strict=True)
-        _at_least("distill.beta", self.beta, 0)
-        _at_least("distill.warmup_epochs", self.warmup_epochs, 0)
+        registered("distill.strategy", self.strategy, STRATEGIES)
+        at_least("distill.temperature", self.temperature, 0, strict=True)
+        at_least("distill.beta", self.beta, 0)
+        at_least("distill.warmup_epochs", self.warmup_epochs, 0)
 
 
 @dataclass
@@ -258,13 +192,13 @@ class AgentConfig:
     def __post_init__(self) -> None:
         from mtkd.distill.agent import MIXINGS, RULES
 
-        _one_of("agent.rule", self.rule, tuple(RULES))
-        _one_of("agent.mixing", self.mixing, tuple(MIXINGS))
-        _at_least("agent.agent_step", self.agent_step, 1)
-        _at_least("agent.lr", self.lr, 0, strict=True)
-        _at_least("agent.concentration", self.concentration, 0, strict=True)
-        _at_least("agent.meta_lr", self.meta_lr, 0, strict=True)
-        _at_least("agent.meta_decay", self.meta_decay, 0)
+        one_of("agent.rule", self.rule, tuple(RULES))
+        one_of("agent.mixing", self.mixing, tuple(MIXINGS))
+        at_least("agent.agent_step", self.agent_step, 1)
+        at_least("agent.lr", self.lr, 0, strict=True)
+        at_least("agent.concentration", self.concentration, 0, strict=True)
+        at_least("agent.meta_lr", self.meta_lr, 0, strict=True)
+        at_least("agent.meta_decay", self.meta_decay, 0)
 
 
 @dataclass
@@ -316,23 +250,23 @@ class RuntimeConfig:
     """torch threads in the in-process engine (None: torch's default)."""
 
     def __post_init__(self) -> None:
-        _choice("runtime.runtime", self.runtime, RUNTIMES)
+        choice("runtime.runtime", self.runtime, RUNTIMES)
         check_device(self.device, "runtime.device")
-        _choice("runtime.teacher_precision", self.teacher_precision, ("auto", *PRECISIONS))
-        _choice("runtime.student_precision", self.student_precision, ("fp32", "bf16"))
-        several = _number(self.num_learners) and self.num_learners > 1
+        choice("runtime.teacher_precision", self.teacher_precision, ("auto", *PRECISIONS))
+        choice("runtime.student_precision", self.student_precision, ("fp32", "bf16"))
+        several = is_number(self.num_learners) and self.num_learners > 1
         if self.sync_batchnorm is True and self.device == "cpu" and several:
             raise ConfigError("runtime.sync_batchnorm: SyncBatchNorm needs learners on CUDA; expected runtime.device "
                               "cuda or runtime.sync_batchnorm=false, got runtime.device=cpu")
-        _at_least("runtime.num_learners", self.num_learners, 1)
-        _at_least("runtime.learner_num_cpus", self.learner_num_cpus, 0)
-        _amounts("runtime.learner_resources", self.learner_resources)
-        _at_least("runtime.prefetch", self.prefetch, 0)
-        _at_least("runtime.teacher_num_cpus", self.teacher_num_cpus, 0)
-        _at_least("runtime.teacher_num_gpus", self.teacher_num_gpus, 0)
-        _at_least("runtime.max_failures", self.max_failures, -1)
-        _at_least("runtime.agent_buffer_mb", self.agent_buffer_mb, 0, strict=True)
-        _optional_at_least("runtime.threads", self.threads, 1)
+        at_least("runtime.num_learners", self.num_learners, 1)
+        at_least("runtime.learner_num_cpus", self.learner_num_cpus, 0)
+        amounts("runtime.learner_resources", self.learner_resources)
+        at_least("runtime.prefetch", self.prefetch, 0)
+        at_least("runtime.teacher_num_cpus", self.teacher_num_cpus, 0)
+        at_least("runtime.teacher_num_gpus", self.teacher_num_gpus, 0)
+        at_least("runtime.max_failures", self.max_failures, -1)
+        at_least("runtime.agent_buffer_mb", self.agent_buffer_mb, 0, strict=True)
+        optional_at_least("runtime.threads", self.threads, 1)
 
 
 @dataclass
@@ -347,12 +281,12 @@ class CacheConfig:
     bfloat16 (compact; fp32 teachers are then not bit-exact)."""
 
     def __post_init__(self) -> None:
-        _choice("cache.value_dtype", self.value_dtype, ("auto", "float16", "bfloat16"))
+        choice("cache.value_dtype", self.value_dtype, ("auto", "float16", "bfloat16"))
         if isinstance(self.url, str) and self.url != "local" and self.url.partition("://")[0] not in CACHE_SCHEMES:
             shown = re.sub(r"//[^@/]*@", "//***@", self.url)  # never echo a password
             raise ConfigError(f"cache.url: expected local, redis://host:port[/db], rediss://... or "
                               f"unix:///path/to/redis.sock, got {shown!r}")
-        _at_least("cache.max_memory_mb", self.max_memory_mb, 1)
+        at_least("cache.max_memory_mb", self.max_memory_mb, 1)
 
 
 @dataclass
@@ -375,10 +309,10 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         from mtkd.models import MODELS
 
-        _in_range("seed", self.seed, 0, SEED_LIMIT)
+        in_range("seed", self.seed, 0, SEED_LIMIT)
         if isinstance(self.output_dir, str) and not self.output_dir.strip():
             raise ConfigError("output_dir: expected a folder, got ''")
-        _registered("student", self.student, MODELS)
+        registered("student", self.student, MODELS)
         for i, teacher in enumerate(self.teachers):
             if isinstance(teacher, TeacherSpec):
                 teacher.check(f"teachers[{i}]")
@@ -409,146 +343,13 @@ class TeacherTrainConfig:
     def __post_init__(self) -> None:
         from mtkd.models import MODELS
 
-        _in_range("seed", self.seed, 0, SEED_LIMIT)
-        _registered("model", self.model, MODELS)
+        in_range("seed", self.seed, 0, SEED_LIMIT)
+        registered("model", self.model, MODELS)
         if isinstance(self.output_dir, str) and not self.output_dir.strip():
             raise ConfigError("output_dir: expected a folder, got ''")
-        _optional_at_least("threads", self.threads, 1)
+        optional_at_least("threads", self.threads, 1)
         check_device(self.device, "device")
-        _choice("precision", self.precision, ("fp32", "bf16"))
-
-
-# ----------------------------------------------------------------------------- building
-def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass ``cls`` from a plain mapping, rejecting unknown keys and wrong types."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        raise ConfigError(f"unknown key {_join(where, unknown[0])!r} (valid keys: {', '.join(names)})")
-    return cls(**{k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()})
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {_coerce(args[0], k, f"{where} key"): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is float:
-        return _as_float(value, where)
-    if hint in (int, str, bool) and (type(value) is not hint):
-        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
-    return value
-
-
-def _as_float(value: Any, where: str) -> float:
-    # YAML 1.1 reads "1e-4" (no dot) as a string: accept any string that is a number.
-    number = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            pass
-    if number is None:
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if not math.isfinite(number):
-        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-    return number
-
-
-def to_dict(config: Any) -> dict:
-    """The config as plain data (for JSON/YAML)."""
-    return dataclasses.asdict(config)
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b=value`` overrides to a raw config mapping (values parsed as YAML).
-
-    A numeric key indexes a list: ``teachers.0.replicas=2``; ``teachers=[{checkpoint: a}]`` replaces
-    the whole list.
-    """
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        dotted, raw = item.split("=", 1)
-        keys = dotted.strip().split(".")
-        node: Any = data
-        for depth, key in enumerate(keys[:-1]):
-            node = _child(node, key, ".".join(keys[: depth + 1]), dotted)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(error)})") from error
-        _assign(node, keys[-1], value, dotted)
-    return data
-
-
-def read_yaml(path: str | Path, what: str = "config file") -> Any:
-    """The parsed content of the YAML file ``path`` (``yaml.safe_load``); a missing file or invalid
-    YAML is a :class:`ConfigError` naming ``what`` and the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} {str(path)!r} does not exist")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {_yaml_problem(error)}") from error
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-
-
-def _child(node: Any, key: str, path: str, dotted: str) -> Any:
-    """The section or list item ``key`` of ``node`` (a missing section is created)."""
-    if isinstance(node, list):
-        return node[_list_index(node, key, path, dotted)]
-    if not isinstance(node, dict):
-        raise ConfigError(f"override {dotted!r}: {path.rsplit('.', 1)[0]!r} is not a section")
-    child = node.setdefault(key, {})
-    if not isinstance(child, (dict, list)):
-        raise ConfigError(f"override {dotted!r}: {path!r} is not a section")
-    return child
-
-
-def _assign(node: Any, key: str, value: Any, dotted: str) -> None:
-    if isinstance(node, list):
-        node[_list_index(node, key, dotted, dotted)] = value
-    elif isinstance(node, dict):
-        node[key] = value
-    else:
-        raise ConfigError(f"override {dotted!r}: {dotted.rsplit('.', 1)[0]!r} is not a section")
-
-
-def _list_index(items: list, key: str, path: str, dotted: str) -> int:
-    if not key.isdigit():
-        raise ConfigError(f"override {dotted!r}: {path.rsplit('.', 1)[0]!r} is a list; index it with a number, "
-                          f"got {key!r}")
-    index = int(key)
-    if index >= len(items):
-        raise ConfigError(f"override {dotted!r}: index {index} is out of range (the list has {len(items)} "
-                          f"item{'s' if len(items) != 1 else ''})")
-    return index
+        choice("precision", self.precision, ("fp32", "bf16"))
 
 
 def check_runnable(config: ExperimentConfig) -> None:
@@ -569,21 +370,3 @@ def check_runnable(config: ExperimentConfig) -> None:
             if teacher.address:
                 raise ConfigError(f"teachers[{i}].address: a served teacher needs runtime.runtime=ray, got "
                                   f"runtime.runtime=inprocess with address {teacher.address!r}")
-
-
-def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Load ``cls`` from a YAML file (or defaults) with dotted overrides; every value is checked.
-
-    Raises:
-        ConfigError: the file is missing or not YAML, a key is unknown, or a value is bad.
-    """
-    data: dict = {}
-    if path is not None:
-        data = read_yaml(path) or {}
-    data = apply_overrides(data, overrides or [])
-    return from_dict(cls, data)
-
-
-def save_config(config: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(config))), sort_keys=False))

@@ -1,6 +1,7 @@
 """The in-process distillation engine: one training step, one epoch, evaluation, and the
-complete training state. The Ray learner drives this same object, with a teacher pool and an
-agent that live in actors; nothing here knows about Ray.
+complete training state (what a step, an epoch and an evaluation report: :mod:`mtkd.metrics`).
+The Ray learner drives this same object, with a teacher pool and an agent that live in actors;
+nothing here knows about Ray.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from mtkd.distill import (STRATEGIES, Agent, StepFeedback, StepInputs, Strategy,
                           feature_mse, kd_kl, per_sample_ce, raw_reward, normalized_reward, state_dim)
 from mtkd.distill.meta import MetaAgent
 from mtkd.errors import NumericError, UserError
+from mtkd.metrics import EpochTotals, StepResult, evaluate_model
 from mtkd.models import Outputs, create_model
+from mtkd.teachers import TeacherPool
 
 
 class NonFiniteLossError(NumericError, RuntimeError):
@@ -168,23 +171,6 @@ def make_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.SGD:
 
 
 # ------------------------------------------------------------------------------------ step
-@dataclass
-class StepResult:
-    """Scalars of one step (Python floats) and the per-teacher mean weights."""
-
-    loss: float
-    ce: float
-    kd: float
-    feature: float
-    correct: int
-    batch: int
-    weight_logit: list[float]
-    weight_feature: list[float]
-    reward: float
-    reward_hat: float
-    diagnostics: dict
-
-
 LOSS_PARTS = ("ce", "kd", "feature")
 
 
@@ -237,8 +223,7 @@ class Distiller:
 
     Args:
         config: the experiment.
-        pool: a teacher source with ``describe()``, ``submit(batch) -> ticket``, ``collect(ticket)``
-            (and ``accepts_device_batches``: whether it may be handed batches already on ``device``).
+        pool: the teachers (:class:`mtkd.teachers.TeacherPool`: in process or Ray actors).
         num_classes, input_shape: of the dataset.
         agent: the agent for ``mtkd_rl`` (default: a new in-process :class:`Agent`).
         device: where the student trains (default: ``config.runtime.device``).
@@ -252,7 +237,7 @@ class Distiller:
             for experiments (benchmarks/weighting.py); None in training.
     """
 
-    def __init__(self, config: ExperimentConfig, pool, num_classes: int, input_shape, *, agent=None,
+    def __init__(self, config: ExperimentConfig, pool: TeacherPool, num_classes: int, input_shape, *, agent=None,
                  device: str | torch.device | None = None,
                  wrap_module: Callable[[nn.Module], nn.Module] | None = None,
                  agree: Callable[[bool], bool] | None = None,
@@ -377,7 +362,7 @@ class Distiller:
         pending: deque = deque()
         batches = iter(loader)
         prefetch = max(0, self.config.runtime.prefetch)
-        device_batches = getattr(self.pool, "accepts_device_batches", False)
+        device_batches = self.pool.accepts_device_batches
 
         def fill(in_flight: int) -> None:
             while len(pending) < in_flight:
@@ -404,7 +389,7 @@ class Distiller:
         """Train one epoch over ``loader`` (a ``BatchLoader``); returns the epoch's metrics."""
         loader.set_epoch(self.epoch)
         self.module.train()
-        totals = _EpochTotals(len(self.teacher_names))
+        totals = EpochTotals(len(self.teacher_names))
         start = time.perf_counter()
         for position, (batch, teacher_outputs) in enumerate(self.batches_with_teachers(loader)):
             for group in self.optimizer.param_groups:
@@ -416,7 +401,7 @@ class Distiller:
         totals.diagnostics.update(self.strategy.end_epoch())
         metrics = totals.summary(self.teacher_names)
         metrics.update(self._class_weight_metrics())
-        if self.strategy.uses_teachers and hasattr(self.pool, "take_stats"):
+        if self.strategy.uses_teachers:
             metrics.update(self.pool.take_stats())
         metrics.update({"epoch": self.epoch + 1, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
                         "time/epoch_s": time.perf_counter() - start})
@@ -446,61 +431,3 @@ class Distiller:
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         torch.set_rng_state(state["torch_rng"])
-
-
-@torch.no_grad()
-def evaluate_model(model: nn.Module, loader, device: torch.device | str = "cpu", precision: str = "fp32") -> dict:
-    """``{"test/acc", "test/loss"}`` of ``model`` (on ``device``) over ``loader`` in eval mode, under
-    ``precision``'s autocast (mode restored after). One host sync at the end."""
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    total = 0
-    for batch in loader:
-        images, labels = batch.images.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits = Outputs(*model(images)).logits.float()
-        loss_sum += per_sample_ce(logits, labels).sum()
-        correct += (logits.argmax(1) == labels).sum()
-        total += labels.shape[0]
-    model.train(was_training)
-    return {"test/acc": int(correct) / max(total, 1), "test/loss": float(loss_sum) / max(total, 1)}
-
-
-class _EpochTotals:
-    """Sample-weighted running sums of a step's scalars over an epoch."""
-
-    def __init__(self, num_teachers: int):
-        self.samples = self.correct = self.steps = 0
-        self.sums = {"loss/total": 0.0, "loss/ce": 0.0, "loss/kd": 0.0, "loss/feature": 0.0,
-                     "reward/mean": 0.0, "reward/normalized_mean": 0.0}
-        self.weight_logit = [0.0] * num_teachers
-        self.weight_feature = [0.0] * num_teachers
-        self.diagnostics: dict = {}
-        self.weighted = False
-
-    def add(self, r: StepResult) -> None:
-        n = r.batch
-        self.weighted = self.weighted or bool(r.weight_logit)
-        self.samples += n
-        self.correct += r.correct
-        self.steps += 1
-        for key, value in zip(self.sums, (r.loss, r.ce, r.kd, r.feature, r.reward, r.reward_hat)):
-            self.sums[key] += value * n
-        for m, (wl, wf) in enumerate(zip(r.weight_logit, r.weight_feature)):
-            self.weight_logit[m] += wl * n
-            self.weight_feature[m] += wf * n
-        self.diagnostics.update(r.diagnostics)
-
-    def summary(self, teacher_names: list[str]) -> dict:
-        n = max(self.samples, 1)
-        metrics = {k: v / n for k, v in self.sums.items()}
-        metrics["train/acc"] = self.correct / n
-        if self.weighted:  # with ce the teachers take no part: no weights to report
-            for name, wl, wf in zip(teacher_names, self.weight_logit, self.weight_feature):
-                metrics[f"weights/logit/{name}"] = wl / n
-                metrics[f"weights/feature/{name}"] = wf / n
-        metrics.update({k: v for k, v in self.diagnostics.items() if isinstance(v, (int, float)) and math.isfinite(v)})
-        return metrics

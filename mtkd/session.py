@@ -28,8 +28,9 @@ from mtkd.cache import CacheContext, dataset_cache_id
 from mtkd.checkpoint import CheckpointError
 from mtkd.config import ExperimentConfig
 from mtkd.data import BatchLoader, ImageDataset
-from mtkd.engine import Distiller, StepResult, check_agent_buffer
+from mtkd.engine import Distiller, check_agent_buffer
 from mtkd.experiment import eval_loader, load_checkpoint, load_data, save_checkpoint, train_loader
+from mtkd.metrics import StepResult
 from mtkd.teachers import check_same_pool, teacher_manifest
 
 

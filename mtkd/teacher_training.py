@@ -10,8 +10,9 @@ import torch
 from mtkd.config import DistillConfig, ExperimentConfig, RuntimeConfig, TeacherTrainConfig, save_config
 from mtkd.data import BatchLoader, train_test
 from mtkd.devices import resolve_device
-from mtkd.engine import PoolMismatchError, evaluate_model
+from mtkd.engine import PoolMismatchError
 from mtkd.experiment import RunDirectory
+from mtkd.metrics import evaluate_model
 from mtkd.runner import prepare_run_dir, train_and_record
 from mtkd.session import Session
 from mtkd.teachers import LocalTeacherPool, load_model_checkpoint, save_teacher

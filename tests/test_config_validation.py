@@ -218,6 +218,7 @@ def test_the_config_is_refused_before_ray_is_even_imported():
 
 
 # --------------------------------------------------------------------------- the error hierarchy
+from mtkd.distill.agent import AgentSettingError, AgentUpdateError  # noqa: E402
 @pytest.mark.parametrize("cls, kind, builtin", [
     (ConfigError, errors.UserError, ValueError),
     (CheckpointError, errors.UserError, ValueError),
@@ -226,6 +227,9 @@ def test_the_config_is_refused_before_ray_is_even_imported():
     (DataNotFoundError, errors.UserError, FileNotFoundError),
     (UnsafePickleError, errors.UserError, pickle.UnpicklingError),
     (NonFiniteLossError, errors.NumericError, RuntimeError),
+    (AgentUpdateError, errors.NumericError, RuntimeError),
+    (AgentSettingError, errors.UserError, ValueError),
+    (errors.RunExistsError, errors.UserError, FileExistsError),
 ])
 def test_library_errors_are_in_the_hierarchy_and_still_their_builtin(cls, kind, builtin):
     error = cls("x")

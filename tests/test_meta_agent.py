@@ -178,6 +178,12 @@ class _MirrorPool:
         outputs = self.inner.collect(ticket)
         return outputs + [outputs[0]]
 
+    def take_stats(self):
+        return {}
+
+    def close(self):
+        pass
+
 
 def _mirror(inputs):
     """The last teacher returns the student's own detached outputs: KL = MSE = 0."""

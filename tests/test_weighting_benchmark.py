@@ -268,6 +268,7 @@ def test_mirror_kl_and_mse_are_zero_in_an_engine_step(real):
     from mtkd.config import ExperimentConfig, apply_overrides, from_dict
     from mtkd.engine import Distiller
     from mtkd.experiment import train_loader
+    from mtkd.teachers import TeacherPool
 
     base, pool, train, _ = real
     config = from_dict(ExperimentConfig, apply_overrides(json.loads(json.dumps(base)), ["distill.strategy=mtkd_rl"]))
@@ -282,6 +283,7 @@ def test_mirror_kl_and_mse_are_zero_in_an_engine_step(real):
         return out
 
     view = wb.CachedPool(wb.TeacherOutputCache(pool, 0), mirror=True)
+    assert isinstance(view, TeacherPool)
     distiller = Distiller(config, view, train.num_classes, train.image_shape, device="cpu", teacher_transform=spy)
     assert distiller.teacher_names == ["resnet8", "vgg8", "mirror"]
     batch = next(iter(train_loader(train, config.data, 0)))

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mtkd.errors import NumericError, UserError
+
 from .policy import PolicyNet
 from .reward import normalized_reward, reference_agent_loss
 from .state import AgentState, state_dim
@@ -62,9 +64,15 @@ class InvalidExperience(ValueError):
     """A batch given to :meth:`Agent.observe` is malformed or out of range; nothing was stored."""
 
 
-class AgentUpdateError(RuntimeError):
+class AgentUpdateError(NumericError, RuntimeError):
     """An update produced non-finite values (or raised); the policy was restored, the stored
-    batches dropped, and the version kept."""
+    batches dropped, and the version kept (CLI exit 3)."""
+
+
+class AgentSettingError(UserError, ValueError):
+    """An :class:`Agent` asked for an unknown rule or mixing, or ``agent_step < 1`` (CLI exit 2). (The
+    config refuses these at load as a ``ConfigError``; :mod:`mtkd.config` imports this module for
+    the valid names, so this one does not import it.)"""
 
 
 def dirichlet(mean_weights: torch.Tensor, concentration: float) -> torch.distributions.Dirichlet:
@@ -134,11 +142,11 @@ class Agent:
         seed: int = 0,
     ):
         if rule not in RULES:
-            raise ValueError(f"unknown agent rule {rule!r} (valid: {', '.join(RULES)})")
+            raise AgentSettingError(f"unknown agent rule {rule!r} (valid: {', '.join(RULES)})")
         if mixing not in MIXINGS:
-            raise ValueError(f"unknown agent mixing {mixing!r} (valid: {', '.join(MIXINGS)})")
+            raise AgentSettingError(f"unknown agent mixing {mixing!r} (valid: {', '.join(MIXINGS)})")
         if agent_step < 1:
-            raise ValueError(f"agent_step must be >= 1, got {agent_step}")
+            raise AgentSettingError(f"agent_step must be >= 1, got {agent_step}")
         self.embedding_dims = list(embedding_dims)
         self.num_classes = num_classes
         self.rule, self.mixing = rule, mixing

@@ -280,8 +280,12 @@ def train_run_name(run: RunDirectory, storage: str, resume: bool) -> str:
 def raise_run_error(error: dict) -> None:
     """Re-raise the library error a learner returned (:func:`services.learner.train_loop.run_error`):
     same class, else its base (a class this process has not imported), so the same exit code."""
-    cls = error_class(error["type"]) or error_class(error.get("base", "")) or RuntimeError
-    raise cls(error["message"])
+    base = error_class(error.get("base", "")) or RuntimeError
+    try:
+        raised = (error_class(error["type"]) or base)(error["message"])
+    except TypeError:  # a class made with more than a message (RpcFailure)
+        raised = base(error["message"])
+    raise raised
 
 
 def worker_error(error: BaseException) -> BaseException:

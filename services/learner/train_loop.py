@@ -26,9 +26,8 @@ from ray.exceptions import RayTaskError
 
 from mtkd.config import ConfigError, ExperimentConfig, from_dict
 from mtkd.distill import STRATEGIES
-from mtkd.distill.agent import AgentUpdateError
 from mtkd.engine import teacher_fields
-from mtkd.errors import RUN_ERRORS, MtkdError, NumericError, UserError
+from mtkd.errors import RUN_ERRORS, NumericError, UserError
 from mtkd.session import Session
 from services.agent.proxy import AgentProxy
 from services.cache import RedisStore
@@ -95,8 +94,6 @@ def run_error(error: BaseException) -> dict:
     (a teacher's) is sent as its cause."""
     if isinstance(error, RayTaskError) and error.cause is not None:
         error = error.cause
-    if not isinstance(error, MtkdError):  # TEMPORARY: AgentUpdateError, until it derives NumericError
-        return {"type": NumericError.__name__, "base": NumericError.__name__, "message": str(error)}
     base = NumericError if isinstance(error, NumericError) else UserError
     return {"type": type(error).__name__, "base": base.__name__, "message": str(error)}
 
@@ -148,7 +145,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 session.save(Path(folder), metrics)
                 events.epoch(metrics)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-    except (*RUN_ERRORS, AgentUpdateError) as error:
+    except RUN_ERRORS as error:
         return {"error": run_error(error)}
     finally:
         pool.close()

@@ -18,16 +18,15 @@ import torch
 
 from mtkd.models.outputs import Outputs
 from services._generated.mtkd.v1 import teacher_pb2, teacher_pb2_grpc
-from services.convert import (
+from services.convert import InvalidMessage, tensor_to_proto
+from services.grpc_common import DEFAULT_MAX_MESSAGE_BYTES, Pem, auth_metadata, open_channel
+from services.teacher_server.messages import (
     OUTPUT_FIELDS,
-    InvalidMessage,
     fields_to_proto,
     join_response_chunks,
     response_to_outputs,
     teacher_info_from_proto,
-    tensor_to_proto,
 )
-from services.grpc_common import DEFAULT_MAX_MESSAGE_BYTES, Pem, auth_metadata, open_channel
 
 __all__ = ["RemoteTeacher"]
 

@@ -32,16 +32,7 @@ import torch
 from mtkd.data import normalize
 from mtkd.models.outputs import Outputs
 from services._generated.mtkd.v1 import teacher_pb2, teacher_pb2_grpc
-from services.convert import (
-    HalfPrecisionOverflow,
-    InvalidMessage,
-    decode_field,
-    fields_from_proto,
-    iter_response_chunks,
-    non_finite_outputs,
-    outputs_to_response,
-    teacher_info_to_proto,
-)
+from services.convert import HalfPrecisionOverflow, InvalidMessage, decode_field
 from services.grpc_common import (
     DEFAULT_MAX_CONCURRENT_RPCS,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -51,6 +42,13 @@ from services.grpc_common import (
     start_server,
     stop,
     translate_errors,
+)
+from services.teacher_server.messages import (
+    fields_from_proto,
+    iter_response_chunks,
+    non_finite_outputs,
+    outputs_to_response,
+    teacher_info_to_proto,
 )
 
 __all__ = ["SERVICE_NAME", "TeacherBackend", "TeacherServicer", "serve", "stop"]

@@ -1,4 +1,5 @@
-"""services.convert without a network: tensor encoding, validation messages, chunking."""
+"""services.convert and services.teacher_server.messages without a network: tensor encoding,
+validation messages, chunking."""
 from __future__ import annotations
 
 import pytest
@@ -6,16 +7,13 @@ import torch
 
 from mtkd.models.outputs import Outputs
 from services._generated.mtkd.v1 import tensor_pb2
-from services.convert import (
-    InvalidMessage,
-    InvalidTensor,
+from services.convert import InvalidMessage, InvalidTensor, proto_to_tensor, tensor_to_proto
+from services.teacher_server.messages import (
     fields_from_proto,
     iter_response_chunks,
     join_response_chunks,
     outputs_to_response,
-    proto_to_tensor,
     response_to_outputs,
-    tensor_to_proto,
 )
 
 ALL = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8)

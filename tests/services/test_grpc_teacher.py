@@ -23,9 +23,10 @@ from torch import nn
 
 from mtkd.models.outputs import Outputs
 from services._generated.mtkd.v1 import teacher_pb2, teacher_pb2_grpc, tensor_pb2
-from services.convert import TEACHER_INFO_KEYS, tensor_to_proto
+from services.convert import tensor_to_proto
 from services.teacher_server.grpc_client import RemoteTeacher
 from services.teacher_server.grpc_server import SERVICE_NAME, serve, stop
+from services.teacher_server.messages import TEACHER_INFO_KEYS
 
 MiB = 1024 * 1024
 MAX_BATCH = 16
@@ -423,7 +424,7 @@ def fashion_test_pixels(count: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def stranger_logits(address: str, pixels: np.ndarray, *, send_floats: bool = False) -> np.ndarray:
-    """A client written from proto/ alone: the generated stubs and numpy, nothing from services.convert.
+    """A client written from proto/ alone: the generated stubs and numpy, no conversion code from services/.
 
     It asks Describe how inputs are preprocessed, then sends raw uint8 pixels (or, with
     ``send_floats``, float32 images it normalises itself as Describe says), in batches of

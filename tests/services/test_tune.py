@@ -18,6 +18,7 @@ import yaml
 
 from mtkd.checkpoint import CheckpointError
 from mtkd.config import ConfigError, ExperimentConfig, load_config
+from mtkd.errors import USER_EXIT, RunExistsError, exit_code
 from mtkd.experiment import load_checkpoint
 from services.cli import main
 from services.tune import load_saved_search, load_tune, parse_tune
@@ -115,8 +116,9 @@ def test_a_fresh_search_refuses_a_folder_that_holds_one(tmp_path):
     spec = spec_of({"distill.beta": {"uniform": [1, 2]}}, {"output_dir": str(tmp_path)})
     (tmp_path / "search").mkdir()
     (tmp_path / "search" / "tuner.pkl").write_bytes(b"")
-    with pytest.raises(FileExistsError, match="already holds a search; pass --resume"):
+    with pytest.raises(RunExistsError, match="already holds a search; pass --resume") as refused:
         run_tune(spec, progress=False)  # refused before Ray or any actor starts
+    assert isinstance(refused.value, FileExistsError) and exit_code(refused.value) == USER_EXIT
 
 
 def test_a_trial_takes_a_checkpoint_on_disk_only_when_it_is_newer_than_tunes(tmp_path):
