@@ -30,6 +30,7 @@ after set-up, and the peak from the first training step on (VmHWM, reset through
     .venv/bin/python benchmarks/step_time.py              # ~10 min on a quiet 2-core machine
     .venv/bin/python benchmarks/step_time.py --quick      # 1-3 min, mostly 4 Ray runs' start-up (CI)
     .venv/bin/python benchmarks/step_time.py --teachers DIR DIR DIR --teacher-precision bf16
+    .venv/bin/python benchmarks/step_time.py --rule reference   # mtkd_rl with the authors' agent rule
 
 Without ``--teachers`` the benchmark writes untrained teachers (random weights, seeded) with
 ``mtkd.teachers.save_teacher``: resnet20, vgg8 and wrn_16_2, the demo's pool (``--quick``:
@@ -99,8 +100,8 @@ def common_overrides(args, epochs: int) -> list[str]:
     return [f"student={args.student}", f"data.batch_size={args.batch_size}",
             f"data.train_subset={args.batch_size * args.steps}", f"data.test_subset={args.batch_size}",
             "data.crop_padding=2", f"optim.epochs={epochs}", "optim.milestones=[]", "distill.warmup_epochs=1",
-            "agent.agent_step=1000", "runtime.device=cpu", f"runtime.teacher_precision={args.teacher_precision}",
-            "runtime.address=local"]
+            "agent.agent_step=1000", f"agent.rule={args.rule}", "runtime.device=cpu",
+            f"runtime.teacher_precision={args.teacher_precision}", "runtime.address=local"]
 
 
 def seconds_per_step(metrics: dict, steps: int) -> float:
@@ -210,7 +211,7 @@ def start_memory_children(args, teacher_dirs: list[str]) -> dict[str, subprocess
     for strategy in STRATEGIES:
         command = [sys.executable, str(Path(__file__).resolve()), "--memory-child", strategy,
                    "--teachers", *teacher_dirs, "--student", args.student, "--batch-size", str(args.batch_size),
-                   "--steps", str(args.steps), "--teacher-precision", args.teacher_precision]
+                   "--steps", str(args.steps), "--teacher-precision", args.teacher_precision, "--rule", args.rule]
         children[strategy] = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                               text=True)
     return children
@@ -346,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="teacher checkpoint folders (default: untrained resnet20, vgg8, wrn_16_2)")
     parser.add_argument("--teacher-precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"),
                         help="runtime.teacher_precision (default: fp32)")
+    parser.add_argument("--rule", default="meta", choices=("reference", "reinforce", "meta"),
+                        help="mtkd_rl's agent.rule (default: meta)")
     parser.add_argument("--student", default="resnet8")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=25, help="steps per epoch (default: 25)")
@@ -371,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             else DEFAULT_TEACHERS)
         report = {
             "benchmark": "step_time", "quick": args.quick, "cpu_cores": os.cpu_count(),
-            "student": args.student, "teachers": teacher_models(teacher_dirs),
+            "student": args.student, "agent_rule": args.rule, "teachers": teacher_models(teacher_dirs),
             "teacher_weights": "given checkpoints" if args.teacher_dirs else "untrained (seeded random weights)",
             "teacher_precision": args.teacher_precision, "batch_size": args.batch_size, "steps_per_epoch": args.steps,
             "data": "Fashion-MNIST train subset, augmented, seed 0",

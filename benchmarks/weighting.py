@@ -982,6 +982,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every-epoch", action="store_true", help="also test after every epoch")
     parser.add_argument("--out", default=None, help=f"the JSON report (default {DEFAULT_OUT})")
     parser.add_argument("--plot", default=None, help=f"the plot (default {DEFAULT_PLOT})")
+    parser.add_argument("--update", metavar="REPORT", default=None,
+                        help="replace these runs' rows (same regime, strategy, seed) in an earlier report made with "
+                             "the same teachers, epochs, labels and test images, keep its other rows, and write the "
+                             "merged report (to --out, default REPORT)")
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny: {QUICK['epochs']} epochs, {QUICK['labels']} labels, {QUICK['test_images']} test "
                              f"images, 1 seed, {QUICK['regimes']}, {QUICK['strategies']}; writes {QUICK_OUT}")
@@ -1014,7 +1018,10 @@ def main(argv: list[str] | None = None) -> int:
         base = apply_overrides(base, ["optim.milestones=[1]"])
     num_classes = 10
     check_buildable(base, specs, args.set, num_classes)
-    out = Path(args.out or (QUICK_OUT if args.quick else DEFAULT_OUT))
+    out = Path(args.out or args.update or (QUICK_OUT if args.quick else DEFAULT_OUT))
+    earlier = read_report(Path(args.update)) if args.update else None
+    # with --update, runs in progress go beside the report: it is replaced only once the merge is done
+    progress_out = out.with_name(out.stem + ".partial" + out.suffix) if args.update else out
     plot = Path(args.plot or (QUICK_PLOT if args.quick else DEFAULT_PLOT))
     folders = teacher_folders(args, demo)
     options = {"set": list(args.set), "device": args.device, "threads": args.threads,
@@ -1058,7 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
         report["cache"].append({**result["cache"], "pid": result["pid"]})
         print(f"[weighting] seed {result['seed']}: teacher output cache {result['cache']['bytes'] / 2**20:.0f} MiB "
               f"({result['cache']['batches']} batches)", file=sys.stderr, flush=True)
-        write(report, out)
+        write(report, progress_out)
 
     if args.workers <= 1 or len(tasks) == 1:  # in this process, with the teachers already loaded
         torch.set_num_threads(args.threads)
@@ -1080,14 +1087,19 @@ def main(argv: list[str] | None = None) -> int:
             shared = [r for r in report["runs"] if r["strategy"] == spec.label]
             report["runs"] += [{**r, "regime": regime, "shared_from": r["regime"]} for r in shared
                                for regime in regimes if regime != r["regime"]]
-    report["runs"].sort(key=lambda r: (regimes.index(r["regime"]), [s.label for s in specs].index(r["strategy"]),
-                                       r["seed"]))
-    report["summary"] = summarise(report["runs"], regimes, [s.label for s in specs])
+    if args.update:
+        regimes, labels = merge_into(report, earlier, args.update, regimes, [s.label for s in specs])
+    else:
+        labels = [s.label for s in specs]
+    report["runs"].sort(key=lambda r: (regimes.index(r["regime"]), labels.index(r["strategy"]), r["seed"]))
+    report["summary"] = summarise(report["runs"], regimes, labels)
     cache_bytes = [c["bytes"] for c in report["cache"]]
     report["cache_summary"] = {"max_bytes_per_process": max(cache_bytes, default=0),
                                "max_mib_per_process": round(max(cache_bytes, default=0) / 2**20, 1)}
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     write(report, out)
+    if progress_out != out:
+        progress_out.unlink(missing_ok=True)
     title = (f"{base['student']}, {labels} labels, {epochs} epochs, {len(seeds)} seed(s): paired difference "
              f"against aver, 95% t-interval")
     draw(report["summary"], report["runs"], plot, title)
@@ -1098,6 +1110,49 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"out": str(out), "plot": str(plot), "wall_seconds": report["wall_seconds"],
                       "runs": len(report["runs"])}, indent=2))
     return 0
+
+
+SAME_WORKLOAD = ("epochs", "labels", "test_images", "student", "batch_size", "config", "r2_teacher", "r1_group_size")
+"""Settings two reports must share for their rows to be paired."""
+
+
+def read_report(path: Path) -> dict:
+    """An earlier report (``--update``), read before any run starts."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--update {path}: cannot read the report ({error})") from None
+
+
+def merge_into(report: dict, earlier: dict, earlier_name: str, regimes: list[str],
+               labels: list[str]) -> tuple[list[str], list[str]]:
+    """Fold the earlier report's rows that this run did not redo into ``report`` (in place).
+
+    Returns the merged regime and strategy orders. Raises ``SystemExit`` when the two reports were
+    not made on the same workload (settings or teacher digests differ)."""
+    new, old = report["settings"], earlier["settings"]
+    differ = [k for k in SAME_WORKLOAD if new.get(k) != old.get(k)]
+    if [t["digest"] for t in report["teachers"]] != [t["digest"] for t in earlier["teachers"]]:
+        differ.append("teachers")
+    if differ:
+        raise SystemExit(f"--update {earlier_name}: not the same workload ({', '.join(differ)} differ)")
+    redone = {(r["regime"], r["strategy"], r["seed"]) for r in report["runs"]}
+    kept = [r for r in earlier["runs"] if (r["regime"], r["strategy"], r["seed"]) not in redone]
+    report["runs"] = kept + report["runs"]
+    merged_regimes = list(old["regimes"]) + [r for r in regimes if r not in old["regimes"]]
+    merged_labels = list(old["strategies"]) + [s for s in labels if s not in old["strategies"]]
+    report["regimes"] = {**earlier.get("regimes", {}), **report["regimes"]}
+    report["checks"] = {**earlier.get("checks", {}), **report["checks"]}
+    report["cache"] = earlier.get("cache", []) + report["cache"]
+    updates = list(old.get("updates", []))
+    if old.get("note"):
+        updates.insert(0, {"note": old["note"]})
+    updates.append({"rerun": {"regimes": regimes, "strategies": labels, "seeds": new["seeds"]},
+                    "date": time.strftime("%Y-%m-%d"), "rows_replaced": len(earlier["runs"]) - len(kept)})
+    report["settings"] = {**new, "regimes": merged_regimes, "strategies": merged_labels,
+                          "seeds": sorted({r["seed"] for r in report["runs"]}), "updates": updates}
+    report["settings"].pop("note", None)
+    return merged_regimes, merged_labels
 
 
 def write(report: dict, path: Path) -> None:

@@ -172,10 +172,10 @@ class DistillConfig:
 
 @dataclass
 class AgentConfig:
-    rule: str = "reference"
-    """Agent update rule: reference (default: the authors' code, exact), reinforce (the paper's policy
-    gradient) or meta (teacher weights learnt from what the student's update did on the next batch,
-    docs/method.md; it finds corrupted teachers, but its accuracy is not yet stable across seeds)."""
+    rule: str = "meta"
+    """Agent update rule: meta (default: teacher weights learnt from what the student's update did on
+    the next batch, docs/method.md), reference (the authors' code, exact: reproduces the paper) or
+    reinforce (the paper's policy gradient)."""
     mixing: str = "static"
     """static: w = (a + c + g) / 3; dynamic: learned softmax mixing coefficients."""
     agent_step: int = 1000
@@ -184,10 +184,12 @@ class AgentConfig:
     """Agent SGD learning rate (no momentum, no weight decay)."""
     concentration: float = 10.0
     """reinforce rule: per-teacher Dirichlet concentration."""
-    meta_lr: float = 3.0
+    meta_lr: float = 10.0
     """meta rule: SGD learning rate of the teacher-score policy (one step per student step)."""
     meta_decay: float = 0.0
     """meta rule: weight decay of the policy, a pull of the weights towards equal (``aver``)."""
+    meta_entropy: float = 0.0
+    """meta rule: weight of ``KL(w || uniform)`` in the policy's loss (0: none)."""
 
     def __post_init__(self) -> None:
         from mtkd.distill.agent import MIXINGS, RULES
@@ -199,6 +201,7 @@ class AgentConfig:
         at_least("agent.concentration", self.concentration, 0, strict=True)
         at_least("agent.meta_lr", self.meta_lr, 0, strict=True)
         at_least("agent.meta_decay", self.meta_decay, 0)
+        at_least("agent.meta_entropy", self.meta_entropy, 0)
 
 
 @dataclass

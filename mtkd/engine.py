@@ -116,7 +116,7 @@ def agent_kwargs(config: ExperimentConfig) -> dict:
     """The :class:`Agent` settings of ``config.agent``, seeded with ``config.seed + 2``."""
     a = config.agent
     if a.rule == "meta":
-        return {"lr": a.meta_lr, "decay": a.meta_decay, "seed": config.seed + 2}
+        return {"lr": a.meta_lr, "decay": a.meta_decay, "entropy": a.meta_entropy, "seed": config.seed + 2}
     return {"rule": a.rule, "mixing": a.mixing, "agent_step": a.agent_step, "lr": a.lr,
             "concentration": a.concentration, "seed": config.seed + 2}
 
@@ -127,7 +127,10 @@ ONECYCLE_START, ONECYCLE_END = 1 / 25, 1e-4  # of the peak lr
 
 def agent_buffer_bytes(config: ExperimentConfig, state_width: int, num_teachers: int, batches_per_epoch: int) -> int:
     """The most bytes the agent's buffer holds: ``agent_step`` batches (at most an epoch's, as it
-    also updates at every epoch end) of float32 states, rewards and, for reinforce, acted weights."""
+    also updates at every epoch end) of float32 states, rewards and, for reinforce, acted weights;
+    0 for a rule without one (``meta`` learns inside the step)."""
+    if not needs_agent_actor(config):
+        return 0
     per_sample = state_width + 1 + (2 * num_teachers if config.agent.rule == "reinforce" else 0)
     batches = min(config.agent.agent_step, max(1, batches_per_epoch))
     return batches * config.data.batch_size * per_sample * 4
@@ -304,8 +307,7 @@ class Distiller:
                                 [t.logits for t in teacher_outputs], targets, cfg.temperature)
         weights = self.strategy.weights(StepInputs(
             [t.logits for t in teacher_outputs], targets, state, self.warmup, student_logits=student_out.logits.detach(),
-            student_embedding=student_out.embedding.detach(), lr=self.optimizer.param_groups[0]["lr"],
-            temperature=cfg.temperature))
+            student_embedding=student_out.embedding.detach(), temperature=cfg.temperature))
         kd_term = (weights.logit * kl).mean(0).sum()
         feature_term = cfg.beta * (weights.feature * mse).mean(0).sum()
         ce_term = ce.mean()

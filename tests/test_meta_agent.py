@@ -112,7 +112,7 @@ def test_agent_learns_to_drop_a_wrong_teacher_on_a_linear_student():
         logits = student(embedding)
         kl = torch.stack([kd_kl(logits, t, T) for t in (right, wrong)], 1)
         inputs = StepInputs([right, wrong], targets, _state(kl.detach(), torch.zeros(B, M)), student_logits=logits.detach(),
-                            student_embedding=embedding, lr=lr, temperature=T)
+                            student_embedding=embedding, temperature=T)
         w_logit, _ = agent.step(inputs)
         wrong_weight.append(float(w_logit[:, 1].mean()))
         loss = F.cross_entropy(logits, targets) + (w_logit * kl).mean(0).sum()
@@ -134,7 +134,7 @@ def test_agent_state_round_trip_continues_exactly():
         kl = torch.rand(B, M, generator=g)
         return StepInputs(teachers, targets, _state(kl, torch.rand(B, M, generator=g)),
                           student_logits=torch.randn(B, C, generator=g), student_embedding=torch.rand(B, 5, generator=g),
-                          lr=0.1, temperature=T)
+                          temperature=T)
 
     a = MetaAgent(M, C, lr=1.0)
     for s in range(3):
@@ -148,14 +148,51 @@ def test_agent_state_round_trip_continues_exactly():
     assert a.version == b.version == 5
 
 
+def test_entropy_term_pulls_weights_towards_equal_without_a_signal():
+    """With no hypergradient (every teacher's distillation did nothing), the loss is only
+    ``entropy * KL(w || uniform)``: one step moves a skewed policy towards 1/M by exactly that
+    loss's gradient, and without the term nothing moves."""
+    M, C, B = 3, 4, 6
+    features = torch.rand(B, M, 4)
+    targets = torch.arange(B) % C
+
+    def skewed(entropy):
+        agent = MetaAgent(M, C, lr=0.5, entropy=entropy)
+        with torch.no_grad():
+            agent.policy.teacher_bias.copy_(torch.tensor([2.0, 0.0, -1.0]))
+        agent.pending = {"features": features, "targets": targets, "delta": torch.zeros(B, M, C),
+                         "embedding": torch.rand(B, 5)}
+        return agent
+
+    def spread(agent):
+        with torch.no_grad():
+            w = agent.policy(features, targets)
+        return float((w - 1 / M).abs().sum())
+
+    still, pulled = skewed(0.0), skewed(1.0)
+    before = spread(still)
+    expected = pulled.policy.teacher_bias.detach().clone()
+    w = pulled.policy(features, targets)
+    kl = (w * torch.log(w * M)).sum(1).mean()
+    (grad,) = torch.autograd.grad(kl, pulled.policy.teacher_bias)
+    for agent in (still, pulled):
+        agent.update(torch.rand(8, 5), torch.zeros(8, C))
+    assert spread(still) == before
+    assert spread(pulled) < before
+    torch.testing.assert_close(pulled.policy.teacher_bias.detach(), expected - 0.5 * grad)
+
+
 def test_teacher_features_shape_and_values():
     teachers = [torch.tensor([[4.0, 0.0]]), torch.tensor([[0.0, 4.0]])]
     targets = torch.tensor([0])
     features = teacher_features(teachers, targets, torch.tensor([[16.0, 32.0]]), torch.tensor([[0.5, -0.5]]), T)
     assert features.shape == (1, 2, 4)
-    torch.testing.assert_close(features[0, :, 1], torch.tensor([1.0, 2.0]))  # KL / T^2
-    assert features[0, 0, 0] < features[0, 1, 0]  # the right teacher has the lower CE
+    right = torch.softmax(torch.tensor([4.0, 0.0]), 0)  # the first teacher's probabilities
+    torch.testing.assert_close(features[0, :, 0], torch.stack([right[0], right[1]]))  # probability of the label
+    torch.testing.assert_close(features[0, :, 1], torch.exp(-torch.tensor([1.0, 2.0])))  # exp(-KL / T^2)
+    torch.testing.assert_close(features[0, :, 2], torch.stack([right[0], right[0]]))  # top probability
     torch.testing.assert_close(features[0, :, 3], torch.tensor([0.5, -0.5]))
+    assert features[:, :, :3].min() >= 0 and features[:, :, :3].max() <= 1  # bounded: no saturating step
     assert isinstance(TeacherScore(2, 2), torch.nn.Module)
 
 

@@ -203,6 +203,34 @@ def test_summary_gap_share_and_aver_vs_r0():
     assert "aver_vs_R0_aver_pts" not in summary["R0"]
 
 
+def test_update_replaces_the_rerun_rows_and_keeps_the_others():
+    settings = {"epochs": 15, "labels": 1000, "test_images": "all", "student": "resnet8", "batch_size": 64,
+                "config": "c", "r2_teacher": 0, "r1_group_size": None}
+    teachers = [{"digest": "a"}, {"digest": "b"}]
+
+    def row(strategy, seed, acc):
+        return {"regime": "R1", "strategy": strategy, "seed": seed, "test_acc": acc}
+
+    earlier = {"settings": {**settings, "regimes": ["R0", "R1"], "strategies": ["aver", "mtkd_rl:meta"],
+                            "seeds": [0, 1], "note": "first run"},
+               "teachers": teachers, "regimes": {"R0": {}, "R1": {}}, "checks": {}, "cache": [],
+               "runs": [row("aver", 0, 0.7), row("aver", 1, 0.7), row("mtkd_rl:meta", 0, 0.1),
+                        row("mtkd_rl:meta", 1, 0.1)]}
+    report = {"settings": {**settings, "regimes": ["R1"], "strategies": ["mtkd_rl:meta"], "seeds": [0, 1]},
+              "teachers": teachers, "regimes": {"R1": {}}, "checks": {}, "cache": [],
+              "runs": [row("mtkd_rl:meta", 0, 0.8), row("mtkd_rl:meta", 1, 0.8)]}
+    regimes, labels = wb.merge_into(report, earlier, "earlier.json", ["R1"], ["mtkd_rl:meta"])
+    assert regimes == ["R0", "R1"] and labels == ["aver", "mtkd_rl:meta"]
+    assert sorted((r["strategy"], r["seed"], r["test_acc"]) for r in report["runs"]) == [
+        ("aver", 0, 0.7), ("aver", 1, 0.7), ("mtkd_rl:meta", 0, 0.8), ("mtkd_rl:meta", 1, 0.8)]
+    assert report["settings"]["updates"][0] == {"note": "first run"}
+    assert report["settings"]["updates"][1]["rows_replaced"] == 2
+
+    other = {**report, "settings": {**report["settings"], "epochs": 2}, "runs": []}
+    with pytest.raises(SystemExit, match="epochs"):
+        wb.merge_into(other, earlier, "earlier.json", ["R1"], ["mtkd_rl:meta"])
+
+
 # ------------------------------------------------------------------------ command line
 def test_strategy_specs():
     specs = wb.parse_strategies("ce, aver,mtkd_rl:meta{agent.lr=3,agent.agent_step=10},mtkd_rl,oracle")
@@ -374,3 +402,18 @@ def test_quick_run_end_to_end(teacher_dirs, tmp_path):
     for key in ("R3_oracle", "R1_oracle", "R0_oracle"):
         assert checks[key]["max_corrupted_weight_where_clean_exists"] == 0.0 and checks[key]["feature_equals_logit"]
         assert checks[key]["rows_sum_to_1"] < 1e-6
+
+    # --update: rerun one strategy in one regime and fold it into the report; the same seed gives the
+    # same run, every other row is kept, and the report is replaced only once the merge is done
+    result = subprocess.run([sys.executable, "benchmarks/weighting.py", "--quick", "--teachers", *teacher_dirs,
+                             "--regimes", "R1", "--strategies", "aver", "--update", str(out), "--plot", str(plot)],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-5000:]
+    merged = json.loads(out.read_text())
+    key = lambda r: (r["regime"], r["strategy"], r["seed"])  # noqa: E731
+    assert sorted(map(key, merged["runs"])) == sorted(map(key, report["runs"]))
+    before = {key(r): r["test_acc"] for r in report["runs"]}
+    assert all(r["test_acc"] == before[key(r)] for r in merged["runs"])
+    assert merged["settings"]["updates"][-1]["rows_replaced"] == 1
+    assert merged["settings"]["strategies"] == strategies
+    assert not (tmp_path / "weighting.partial.json").exists()

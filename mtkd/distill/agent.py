@@ -49,7 +49,8 @@ from .reward import normalized_reward, reference_agent_loss
 from .state import AgentState, state_dim
 
 RULES = ("reference", "reinforce", "meta")
-ACTOR_RULES = ("reference", "reinforce")  # rules whose agent may live in its own actor (stored experience)
+STEP_RULES = ("meta",)  # rules that learn inside the student's step (mtkd.distill.meta.MetaAgent)
+ACTOR_RULES = tuple(rule for rule in RULES if rule not in STEP_RULES)  # may live in their own actor (stored experience)
 MIXINGS = ("static", "dynamic")
 _MIN_CONCENTRATION = 1e-3
 MAX_ABS_STATE = 1e6

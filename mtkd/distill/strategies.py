@@ -35,7 +35,6 @@ class StepInputs:
         warmup: True during the warm-up epochs.
         student_logits: ``[B, C]`` the student's logits of this step, detached.
         student_embedding: ``[B, D]`` the student's embedding (the classifier's input), detached.
-        lr: the student's learning rate for this step.
         temperature: the KD temperature T.
     """
 
@@ -45,7 +44,6 @@ class StepInputs:
     warmup: bool = False
     student_logits: torch.Tensor | None = None
     student_embedding: torch.Tensor | None = None
-    lr: float = 0.0
     temperature: float = 4.0
 
 

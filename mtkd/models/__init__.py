@@ -16,5 +16,6 @@ from mtkd.models.outputs import Outputs
 
 # Imported for their @MODELS.register side effects.
 from mtkd.models import mobilenetv2, regnet, resnet, shufflenetv2, vgg, wrn  # noqa: F401
+from mtkd.models import segmentation  # noqa: F401  (registers SEG_MODELS: dense heads on the zoo's backbones)
 
 __all__ = ["MODELS", "ModelAdapter", "Outputs", "count_parameters", "create_model", "list_models"]

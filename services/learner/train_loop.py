@@ -40,14 +40,6 @@ class LearnersDiverged(RuntimeError):
     """The learners' parameters differ after an epoch (DistributedDataParallel keeps them equal)."""
 
 
-class LearnerTeacherPool(RayTeacherPool):
-    """:class:`RayTeacherPool` with the pool's ``use_cache(store, context)`` (as the local pool has),
-    which :meth:`mtkd.session.Session.build` calls once the dataset is known."""
-
-    def use_cache(self, store, context) -> None:
-        self.cache = (store, context)
-
-
 def quiet_worker_logs() -> None:
     """Keep this worker's own INFO lines off the console: Ray Train logs every report, with its
     whole metrics dict, at INFO under a logger outside ``ray.train`` (so ``RunConfig.logging_config``
@@ -118,7 +110,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = learner_device(config)
-    pool = LearnerTeacherPool(loop_config["teacher_handles"],
+    pool = RayTeacherPool(loop_config["teacher_handles"],
                               fields=teacher_fields(STRATEGIES.get(config.distill.strategy)),
                               half_precision=config.runtime.half_precision, max_in_flight=config.runtime.prefetch + 1)
     try:

@@ -104,6 +104,11 @@ class RayTeacherPool:
         self._in_flight: deque[int] = deque()
         self._descriptions: list[dict] | None = None
 
+    def use_cache(self, store, context) -> None:
+        """Send keys made with ``context`` (a :class:`mtkd.cache.CacheContext`) with each batch; ``store``
+        is the actors' Redis. :meth:`mtkd.session.Session.build` calls it once the dataset is known."""
+        self.cache = (store, context)
+
     def describe(self) -> list[dict]:
         if self._descriptions is None:
             self._descriptions = ray.get([replicas[0].describe.remote() for replicas in self.handles],

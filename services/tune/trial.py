@@ -31,7 +31,7 @@ from mtkd.engine import teacher_fields
 from mtkd.experiment import load_checkpoint
 from mtkd.session import Session
 from services.cache import RedisStore
-from services.learner.train_loop import LearnerTeacherPool
+from services.teacher_server.pool import RayTeacherPool
 from services.tune.spec import trial_config
 
 CHECKPOINT_GLOB = "checkpoint_*"  # Tune's checkpoint folders in a trial's folder
@@ -109,7 +109,7 @@ def tune_trial(params: dict, *, experiment: dict, teacher_handles: list[list], c
     if rt.threads:
         torch.set_num_threads(rt.threads)
     device = torch.device("cuda" if rt.device != "cpu" and ray.get_gpu_ids() else "cpu")
-    pool = LearnerTeacherPool(teacher_handles, fields=teacher_fields(STRATEGIES.get(config.distill.strategy)),
+    pool = RayTeacherPool(teacher_handles, fields=teacher_fields(STRATEGIES.get(config.distill.strategy)),
                               half_precision=rt.half_precision, max_in_flight=rt.prefetch + 1)
     try:
         session = Session.build(config, pool, store=RedisStore(cache_url) if cache_url else None, device=device)

@@ -29,7 +29,7 @@ from conftest import needs_fashion
 REPO = Path(__file__).resolve().parents[2]
 # ~4 steps per epoch (128 samples, batches of 32), fp32 teachers on the CPU
 TINY = {"student": "resnet8", "data": {"train_subset": 128, "test_subset": 128, "batch_size": 32, "crop_padding": 2},
-        "optim": {"epochs": 2, "milestones": [1]}, "agent": {"agent_step": 3},
+        "optim": {"epochs": 2, "milestones": [1]}, "agent": {"rule": "reference", "agent_step": 3},
         "runtime": {"device": "cpu", "teacher_precision": "fp32"}}
 
 
