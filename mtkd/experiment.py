@@ -93,6 +93,12 @@ class RunDirectory:
         complete = [f for f in folders if (f / META_FILE).is_file()]
         return complete[-1] if complete else None
 
+    def held_checkpoints(self) -> list[Path]:
+        """Every checkpoint of either runtime under this folder: the in-process runtime's complete
+        ``checkpoints/epoch_*`` and Ray Train's ``ray/<run>/checkpoint_*`` (the default storage)."""
+        held = [f for f in sorted((self.path / CHECKPOINTS).glob("epoch_*")) if (f / META_FILE).is_file()]
+        return held + sorted(f for f in (self.path / "ray").glob("*/checkpoint_*") if f.is_dir())
+
     def checkpoint_to_resume(self) -> Path:
         """The newest complete checkpoint; raises :class:`CheckpointError` when there is none."""
         folder = self.latest_checkpoint()

@@ -98,16 +98,19 @@ def finish(config: ExperimentConfig, run: RunDirectory, train_set, descriptions:
 
 
 def prepare_run_dir(run: RunDirectory, resume: bool, overwrite: bool) -> None:
-    """A fresh run refuses a folder holding checkpoints unless told to overwrite (no data is lost silently).
+    """A fresh run refuses a folder holding checkpoints of either runtime unless told to overwrite (no
+    data is lost silently: re-running the command of a crashed run must not discard its progress).
 
     Raises:
         RunExistsError: a fresh run into a folder holding checkpoints, without ``overwrite``.
     """
     if resume:
         return
-    if run.latest_checkpoint() is not None and not overwrite:
-        raise RunExistsError(f"run folder {str(run.path)!r} already has checkpoints; pass --resume to continue it, "
-                             f"--overwrite to start again, or choose another output_dir")
+    held = run.held_checkpoints()
+    if held and not overwrite:
+        raise RunExistsError(f"run folder {str(run.path)!r} already has checkpoints ({held[-1].relative_to(run.path)}); "
+                             f"pass --resume to continue it, --overwrite to discard them and start again, or "
+                             f"choose another output_dir")
     for stale in ("checkpoints", "ray"):  # an earlier run's checkpoints must never be picked up
         if (run.path / stale).exists():
             shutil.rmtree(run.path / stale)

@@ -73,10 +73,6 @@ class RayLink:
     private: bool
 
 
-_private_ray_address: str | None = None
-"""The GCS address of the private Ray :func:`connect_ray` last started in this process."""
-
-
 def _quiet() -> dict:
     """``ray.init`` settings: driver-side Ray logs at warnings, worker-side at errors."""
     return {"logging_level": logging.WARNING, "logging_config": ray.LoggingConfig(log_level="ERROR")}
@@ -94,8 +90,8 @@ def connect_ray(config: ExperimentConfig) -> RayLink:
         RayUnavailableError: Ray cannot be joined or started (one line naming the cause).
     """
     address = cluster_address(config)
-    if ray.is_initialized():  # private only if this process started it: a joined `ray start` cluster may grow
-        return RayLink(started=False, private=ray.get_runtime_context().gcs_address == _private_ray_address)
+    if ray.is_initialized():
+        return RayLink(started=False, private=address is None)
     where = f"the Ray cluster at {address!r}" if address else "a private local Ray"
     try:
         if address:
@@ -107,10 +103,10 @@ def connect_ray(config: ExperimentConfig) -> RayLink:
         private = {"num_cpus": num_cpus, "include_dashboard": False, **_quiet()}
         if config.runtime.address == "local":
             ray.init(address="local", **private)
-            return _started_private()
+            return RayLink(started=True, private=True)
         try:  # address=None: Ray's own lookup, the cluster `ray start` recorded here, else a new local Ray
             ray.init(**private)
-            return _started_private()
+            return RayLink(started=True, private=True)
         except ValueError as error:
             if "existing cluster" not in str(error):
                 raise
@@ -121,12 +117,6 @@ def connect_ray(config: ExperimentConfig) -> RayLink:
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RayUnavailableError(f"could not start or join {where}: {first_line}") from error
-
-
-def _started_private() -> RayLink:
-    global _private_ray_address
-    _private_ray_address = ray.get_runtime_context().gcs_address
-    return RayLink(started=True, private=True)
 
 
 def ensure_ray(config: ExperimentConfig) -> bool:

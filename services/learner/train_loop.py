@@ -111,8 +111,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = learner_device(config)
     pool = RayTeacherPool(loop_config["teacher_handles"],
-                              fields=teacher_fields(STRATEGIES.get(config.distill.strategy)),
-                              half_precision=config.runtime.half_precision, max_in_flight=config.runtime.prefetch + 1)
+                          fields=teacher_fields(STRATEGIES.get(config.distill.strategy)),
+                          half_precision=config.runtime.half_precision, max_in_flight=config.runtime.prefetch + 1)
     try:
         agent = AgentProxy(loop_config["agent"], device=device) if loop_config.get("agent") is not None else None
         session = Session.build(

@@ -110,7 +110,7 @@ def tune_trial(params: dict, *, experiment: dict, teacher_handles: list[list], c
         torch.set_num_threads(rt.threads)
     device = torch.device("cuda" if rt.device != "cpu" and ray.get_gpu_ids() else "cpu")
     pool = RayTeacherPool(teacher_handles, fields=teacher_fields(STRATEGIES.get(config.distill.strategy)),
-                              half_precision=rt.half_precision, max_in_flight=rt.prefetch + 1)
+                          half_precision=rt.half_precision, max_in_flight=rt.prefetch + 1)
     try:
         session = Session.build(config, pool, store=RedisStore(cache_url) if cache_url else None, device=device)
         restore(session, Path(experiment_path) / TRIAL_DIR.format(tune.get_context().get_trial_id()))
