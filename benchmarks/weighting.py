@@ -1087,12 +1087,12 @@ def main(argv: list[str] | None = None) -> int:
             shared = [r for r in report["runs"] if r["strategy"] == spec.label]
             report["runs"] += [{**r, "regime": regime, "shared_from": r["regime"]} for r in shared
                                for regime in regimes if regime != r["regime"]]
+    strategy_labels = [s.label for s in specs]
     if args.update:
-        regimes, labels = merge_into(report, earlier, args.update, regimes, [s.label for s in specs])
-    else:
-        labels = [s.label for s in specs]
-    report["runs"].sort(key=lambda r: (regimes.index(r["regime"]), labels.index(r["strategy"]), r["seed"]))
-    report["summary"] = summarise(report["runs"], regimes, labels)
+        regimes, strategy_labels = merge_into(report, earlier, args.update, regimes, strategy_labels)
+    report["runs"].sort(key=lambda r: (regimes.index(r["regime"]), strategy_labels.index(r["strategy"]),
+                                       r["seed"]))
+    report["summary"] = summarise(report["runs"], regimes, strategy_labels)
     cache_bytes = [c["bytes"] for c in report["cache"]]
     report["cache_summary"] = {"max_bytes_per_process": max(cache_bytes, default=0),
                                "max_mib_per_process": round(max(cache_bytes, default=0) / 2**20, 1)}

@@ -87,17 +87,19 @@ class RunDirectory:
     def checkpoint_dir(self, epoch: int) -> Path:
         return self.path / CHECKPOINTS / f"epoch_{epoch:04d}"
 
+    def complete_checkpoints(self) -> list[Path]:
+        """The complete checkpoints (their meta.json is written last), oldest first."""
+        return [f for f in sorted((self.path / CHECKPOINTS).glob("epoch_*")) if (f / META_FILE).is_file()]
+
     def latest_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint (its meta.json is written last)."""
-        folders = sorted((self.path / CHECKPOINTS).glob("epoch_*"))
-        complete = [f for f in folders if (f / META_FILE).is_file()]
+        """The newest complete checkpoint."""
+        complete = self.complete_checkpoints()
         return complete[-1] if complete else None
 
     def held_checkpoints(self) -> list[Path]:
         """Every checkpoint of either runtime under this folder: the in-process runtime's complete
         ``checkpoints/epoch_*`` and Ray Train's ``ray/<run>/checkpoint_*`` (the default storage)."""
-        held = [f for f in sorted((self.path / CHECKPOINTS).glob("epoch_*")) if (f / META_FILE).is_file()]
-        return held + sorted(f for f in (self.path / "ray").glob("*/checkpoint_*") if f.is_dir())
+        return self.complete_checkpoints() + sorted(f for f in (self.path / "ray").glob("*/checkpoint_*") if f.is_dir())
 
     def checkpoint_to_resume(self) -> Path:
         """The newest complete checkpoint; raises :class:`CheckpointError` when there is none."""
