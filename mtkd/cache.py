@@ -146,15 +146,21 @@ def sample_keys(teacher_digest: str, dataset_digest: str, numerics: str, value_d
 # -------------------------------------------------------------------------------------- values
 @dataclass(frozen=True)
 class OutputLayout:
-    """The per-sample shapes of a teacher's outputs: ``logits [C]``, ``embedding [D]``, ``feature [K, H, W]``."""
+    """The per-sample shapes of a teacher's outputs: ``logits [C, *logit_size]`` (``logit_size`` ``()``
+    for a classifier, ``(h, w)`` for a dense logit map at the network's own stride), ``embedding [D]``,
+    ``feature [K, H, W]``."""
 
     num_classes: int
     embedding_dim: int
     feature_shape: tuple[int, int, int]
+    logit_size: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         shape = tuple(int(s) for s in self.feature_shape)
         object.__setattr__(self, "feature_shape", shape)
+        object.__setattr__(self, "logit_size", tuple(int(s) for s in self.logit_size))
+        if len(self.logit_size) not in (0, 2) or (self.logit_size and min(self.logit_size) < 1):
+            raise ValueError(f"OutputLayout: logit_size={self.logit_size}; expected () or (h, w) with h, w >= 1")
         if len(shape) != 3 or min(shape) < 1 or self.num_classes < 1 or self.embedding_dim < 1:
             raise ValueError(f"OutputLayout: num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
                              f"feature_shape={shape}; expected positive sizes and a 3-d feature shape [K, H, W]")
@@ -163,18 +169,24 @@ class OutputLayout:
     def from_description(cls, description: Mapping) -> "OutputLayout":
         """From a teacher's ``describe()`` (``num_classes``, ``embedding_dim``, ``feature_shape``)."""
         return cls(int(description["num_classes"]), int(description["embedding_dim"]),
-                   tuple(description["feature_shape"]))
+                   tuple(description["feature_shape"]), tuple(description.get("logit_size", ())))
 
     @classmethod
     def of(cls, outputs: Outputs) -> "OutputLayout":
-        """The layout of a batch of outputs (``[B, C]``, ``[B, D]``, ``[B, K, H, W]``)."""
+        """The layout of a batch of outputs (``[B, C]`` or ``[B, C, h, w]``, ``[B, D]``, ``[B, K, H, W]``)."""
         _check_outputs(outputs)
-        return cls(outputs.logits.shape[1], outputs.embedding.shape[1], tuple(outputs.feature.shape[1:]))
+        return cls(outputs.logits.shape[1], outputs.embedding.shape[1], tuple(outputs.feature.shape[1:]),
+                   tuple(outputs.logits.shape[2:]))
+
+    @property
+    def logit_values(self) -> int:
+        """``C * h * w`` (``C`` for a classifier)."""
+        return self.num_classes * math.prod(self.logit_size)
 
     @property
     def values_per_sample(self) -> int:
-        """``C + D + K * H * W``."""
-        return self.num_classes + self.embedding_dim + math.prod(self.feature_shape)
+        """``C * h * w + D + K * H * W``."""
+        return self.logit_values + self.embedding_dim + math.prod(self.feature_shape)
 
     def value_bytes(self, value_dtype: str | torch.dtype) -> int:
         """Bytes of one encoded sample: the header plus ``values_per_sample`` values of ``value_dtype``."""
@@ -192,9 +204,9 @@ def _check_outputs(outputs: Outputs) -> None:
                          f"feature together")
     dims = [t.dim() for t in outputs]
     sizes = {t.shape[0] for t in outputs}
-    if dims != [2, 2, 4] or len(sizes) != 1:
+    if dims[0] not in (2, 4) or dims[1:] != [2, 4] or len(sizes) != 1:
         raise ValueError(f"teacher outputs of shapes {[list(t.shape) for t in outputs]}; expected "
-                         f"[B, C], [B, D], [B, K, H, W] with one B")
+                         f"[B, C] (or [B, C, h, w]), [B, D], [B, K, H, W] with one B")
 
 
 def encode_rows(outputs: Outputs, value_dtype: str | torch.dtype) -> torch.Tensor:
@@ -203,12 +215,12 @@ def encode_rows(outputs: Outputs, value_dtype: str | torch.dtype) -> torch.Tenso
     dtype = as_value_dtype(value_dtype)
     _check_outputs(outputs)
     layout = OutputLayout.of(outputs)
-    b, c, d = outputs.logits.shape[0], layout.num_classes, layout.embedding_dim
+    b, c, d = outputs.logits.shape[0], layout.logit_values, layout.embedding_dim
     rows = torch.empty(b, layout.value_bytes(dtype), dtype=torch.uint8)
     rows[:, :HEADER_BYTES] = torch.tensor(list(_header(dtype)), dtype=torch.uint8)
-    data = rows[:, HEADER_BYTES:].view(dtype)  # [B, C + D + KHW]
+    data = rows[:, HEADER_BYTES:].view(dtype)  # [B, Chw + D + KHW]
     with torch.no_grad():
-        data[:, :c].copy_(outputs.logits.detach())
+        data[:, :c].copy_(outputs.logits.detach().reshape(b, c))
         data[:, c : c + d].copy_(outputs.embedding.detach())
         data[:, c + d :].copy_(outputs.feature.detach().reshape(b, data.shape[1] - c - d))
     return rows
@@ -219,12 +231,12 @@ def decode_rows(rows: torch.Tensor, layout: OutputLayout, value_dtype: str | tor
     """``[B, value_bytes]`` uint8 rows (headers already checked) -> :class:`Outputs` of ``out_dtype``
     (float32, or ``value_dtype`` itself) on the CPU, each field contiguous."""
     dtype = as_value_dtype(value_dtype)
-    b, c, d = rows.shape[0], layout.num_classes, layout.embedding_dim
+    b, c, d = rows.shape[0], layout.logit_values, layout.embedding_dim
     data = rows[:, HEADER_BYTES:].view(dtype)
-    logits = torch.empty(b, c, dtype=out_dtype)
+    logits = torch.empty(b, layout.num_classes, *layout.logit_size, dtype=out_dtype)
     embedding = torch.empty(b, d, dtype=out_dtype)
     feature = torch.empty(b, *layout.feature_shape, dtype=out_dtype)
-    logits.copy_(data[:, :c])
+    logits.view(b, c).copy_(data[:, :c])
     embedding.copy_(data[:, c : c + d])
     feature.view(b, data.shape[1] - c - d).copy_(data[:, c + d :])
     return Outputs(logits, embedding, feature)

@@ -5,15 +5,20 @@ The installed ``mtkd`` console script (``services.cli``) extends this parser wit
 
 Exit codes: 0 done; 2 a user error (:class:`mtkd.errors.UserError`: bad config, missing or corrupt
 checkpoint or data, mismatched pool), one line on stderr; 3 a numeric error
-(:class:`mtkd.errors.NumericError`: NaN/inf loss, failed agent update), one line; anything else is a
-bug and shows its traceback.
+(:class:`mtkd.errors.NumericError`: NaN/inf loss, failed agent update), one line; 130 (SIGINT) or
+143 (SIGTERM): ``distill`` was stopped, and its last line says how to continue it; anything else is
+a bug and shows its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
 import sys
-from typing import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
 
 from mtkd import errors
 from mtkd.config import ConfigError, ExperimentConfig, TeacherTrainConfig, check_runnable, load_config
@@ -37,6 +42,61 @@ def load_experiment(args: argparse.Namespace) -> ExperimentConfig:
     return config
 
 
+# ------------------------------------------------------------------------------ interrupts
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM stopped a command; the CLI exits ``128 + signum`` after printing ``line``
+    (a BaseException like KeyboardInterrupt, so that no ``except Exception`` swallows it)."""
+
+    def __init__(self, signum: int, line: str | None = None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.line = line
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread; one that
+    arrives while a checkpoint is being written or deleted is held until that is done
+    (:func:`mtkd.checkpoint.uninterrupted`). The previous handlers are restored on exit."""
+    from mtkd.checkpoint import hold_interrupt
+
+    def handler(signum, frame):
+        error = Interrupted(signum)
+        if not hold_interrupt(error):
+            raise error
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def resume_line(run_dir: str | Path, epoch: int | None) -> str:
+    """The last line of a stopped ``distill``: the last checkpointed epoch and the command that
+    continues the run (``epoch`` None: no checkpoint yet)."""
+    if epoch is None:
+        return f"stopped before the first checkpoint; nothing to continue in {run_dir}: run the same command again"
+    return f"stopped after epoch {epoch}; continue with: mtkd distill --resume {shlex.quote(str(run_dir))}"
+
+
+@contextmanager
+def say_how_to_resume(run_dir: str | Path, last_epoch: Callable[[], int | None]) -> Iterator[None]:
+    """Give an :class:`Interrupted` that leaves this block its :func:`resume_line` (``last_epoch``:
+    the epoch of the run's newest valid checkpoint, or None)."""
+    try:
+        yield
+    except Interrupted as stop:
+        try:
+            epoch = last_epoch()
+        except Exception:  # noqa: BLE001 - the run folder cannot be read: say so, still stop
+            stop.line = f"stopped; the checkpoints of {run_dir} could not be read"
+        else:
+            stop.line = resume_line(run_dir, epoch)
+        raise
+
+
 def cmd_train_teacher(args: argparse.Namespace) -> dict:
     from mtkd.teacher_training import train_teacher
 
@@ -57,8 +117,12 @@ def cmd_distill_inprocess(args: argparse.Namespace) -> dict:
     if config.runtime.runtime != "inprocess":
         raise ConfigError(f"runtime {config.runtime.runtime!r} needs the service package: run the installed `mtkd` "
                           f"command, or pass runtime.runtime=inprocess")
-    summary = run_inprocess(config, resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch,
-                            progress=not args.quiet, overwrite=args.overwrite)
+    from mtkd.experiment import RunDirectory
+
+    run_dir = config.output_dir
+    with stop_on_signals(), say_how_to_resume(run_dir, RunDirectory(run_dir).resumable_epoch):
+        summary = run_inprocess(config, resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch,
+                                progress=not args.quiet, overwrite=args.overwrite)
     summary.pop("history", None)
     return summary
 
@@ -98,11 +162,14 @@ def one_line(error: BaseException) -> str:
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse, run, print the JSON summary. A user error prints one line and returns 2, a numeric
-    error (NaN loss, failed agent update) one line and 3; any other exception is a bug and propagates
-    with its traceback."""
+    error (NaN loss, failed agent update) one line and 3, a command stopped by SIGINT/SIGTERM its
+    resume line and 130/143; any other exception is a bug and propagates with its traceback."""
     args = parser.parse_args(argv)
     try:
         summary = args.func(args)
+    except Interrupted as stop:
+        print(stop.line or f"mtkd: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr, flush=True)
+        return 128 + stop.signum
     except errors.NUMERIC_ERRORS as exc:
         print(f"mtkd: error: {one_line(exc)} (the last good checkpoint is kept)", file=sys.stderr)
         return errors.NUMERIC_EXIT

@@ -14,6 +14,7 @@ here (``from mtkd.config import ConfigError, load_config``).
 from __future__ import annotations
 
 import re
+import inspect
 from dataclasses import dataclass, field
 
 from mtkd.config_checks import (ConfigError, amounts, at_least, check_device, choice, in_range, is_number, one_of,
@@ -57,6 +58,9 @@ class DataConfig:
     """K > 0: each training sample gets K fixed seeded augmentations and every epoch draws one of
     them, so that teacher outputs repeat and the cache serves them after the first epochs
     (0: a fresh augmentation every epoch, the reference recipe)."""
+    options: dict = field(default_factory=dict)
+    """Options of the dataset's loader, e.g. for ``canvases``: ``{size: 64, num_canvases: {train: 4000,
+    test: 1000}, cache_dir: cache/canvases}``; for ``image_folder``: ``{channels: 3, image_size: 32}``."""
 
     def __post_init__(self) -> None:
         from mtkd.data import DATASETS
@@ -71,6 +75,12 @@ class DataConfig:
         at_least("data.eval_batch_size", self.eval_batch_size, 1)
         at_least("data.crop_padding", self.crop_padding, 0)
         at_least("data.augment_bank", self.augment_bank, 0)
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"data.options: expected a mapping of loader options, got {self.options!r}")
+        try:
+            inspect.signature(DATASETS.get(self.name)).bind(**self.options)
+        except TypeError as err:
+            raise ConfigError(f"data.options: the {self.name!r} loader does not take these options ({err})") from None
 
 
 @dataclass
@@ -160,6 +170,9 @@ class DistillConfig:
     """Weight of the feature-distillation term."""
     warmup_epochs: int = 1
     """mtkd_rl: epochs during which all teacher weights are 1 and the agent does not act."""
+    region_grid: int = 0
+    """Segmentation: 0 weights teachers per image; G > 0 per region, each cell of a G x G grid over
+    an image one decision unit (its weights applied to the cell's pixels)."""
 
     def __post_init__(self) -> None:
         from mtkd.distill import STRATEGIES
@@ -168,6 +181,7 @@ class DistillConfig:
         at_least("distill.temperature", self.temperature, 0, strict=True)
         at_least("distill.beta", self.beta, 0)
         at_least("distill.warmup_epochs", self.warmup_epochs, 0)
+        at_least("distill.region_grid", self.region_grid, 0)
 
 
 @dataclass
@@ -310,12 +324,15 @@ class ExperimentConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
-        from mtkd.models import MODELS
+        from mtkd.tasks import dataset_task, model_registry
 
         in_range("seed", self.seed, 0, SEED_LIMIT)
         if isinstance(self.output_dir, str) and not self.output_dir.strip():
             raise ConfigError("output_dir: expected a folder, got ''")
-        registered("student", self.student, MODELS)
+        registered("student", self.student, model_registry(self.data.name))
+        if self.distill.region_grid and isinstance(self.data, DataConfig) and dataset_task(self.data.name) != "segmentation":
+            raise ConfigError(f"distill.region_grid={self.distill.region_grid}: per-region teacher weights need a "
+                              f"segmentation dataset; data.name={self.data.name!r} is a classification set")
         for i, teacher in enumerate(self.teachers):
             if isinstance(teacher, TeacherSpec):
                 teacher.check(f"teachers[{i}]")
@@ -344,10 +361,10 @@ class TeacherTrainConfig:
     """fp32 or bf16 (autocast + channels_last: about 3x faster on CPUs with AMX; the weights stay fp32)."""
 
     def __post_init__(self) -> None:
-        from mtkd.models import MODELS
+        from mtkd.tasks import model_registry
 
         in_range("seed", self.seed, 0, SEED_LIMIT)
-        registered("model", self.model, MODELS)
+        registered("model", self.model, model_registry(self.data.name))
         if isinstance(self.output_dir, str) and not self.output_dir.strip():
             raise ConfigError("output_dir: expected a folder, got ''")
         optional_at_least("threads", self.threads, 1)

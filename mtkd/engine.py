@@ -16,12 +16,13 @@ from torch import nn
 
 from mtkd.config import ConfigError, ExperimentConfig, OptimConfig
 from mtkd.devices import autocast, memory_format, resolve_device, resolve_precision
-from mtkd.distill import (STRATEGIES, Agent, StepFeedback, StepInputs, Strategy, agent_state, build_projectors,
-                          feature_mse, kd_kl, per_sample_ce, raw_reward, normalized_reward, state_dim)
+from mtkd.distill import (STRATEGIES, Agent, StepFeedback, Strategy, build_projectors, raw_reward, normalized_reward,
+                          state_dim)
 from mtkd.distill.meta import MetaAgent
 from mtkd.errors import NumericError, UserError
-from mtkd.metrics import EpochTotals, StepResult, evaluate_model
+from mtkd.metrics import EpochTotals, StepResult
 from mtkd.models import Outputs, create_model
+from mtkd.tasks import ClassificationTask, Task
 from mtkd.teachers import TeacherPool
 
 
@@ -89,16 +90,18 @@ def build_trainable(config: ExperimentConfig, num_classes: int, input_shape, tea
 
 
 def build_strategy(config: ExperimentConfig, teacher_descriptions: list[dict], num_classes: int, agent=None,
-                   device: torch.device | None = None) -> Strategy:
+                   device: torch.device | None = None, task: Task | None = None) -> Strategy:
     """The configured strategy; one that ``needs_agent`` gets ``agent`` or a new in-process
-    :class:`Agent` (seed + 2) whose policy lives on ``device``."""
+    :class:`Agent` (seed + 2) whose policy lives on ``device``, with ``task``'s state layout
+    (default: classification's)."""
     factory = STRATEGIES.get(config.distill.strategy)
     if not factory.needs_agent:
         return factory()
     if agent is None and config.agent.rule == "meta":
         agent = MetaAgent(len(teacher_descriptions), num_classes, **agent_kwargs(config)).to(device or "cpu")
     elif agent is None:
-        agent = Agent([int(d["embedding_dim"]) for d in teacher_descriptions], num_classes, **agent_kwargs(config))
+        agent = Agent(*(task or ClassificationTask()).state_layout(teacher_descriptions, num_classes),
+                      **agent_kwargs(config))
         agent.policy.to(device or "cpu")  # in place: the agent's optimiser keeps its parameters
     return factory(agent)
 
@@ -131,18 +134,19 @@ def agent_buffer_bytes(config: ExperimentConfig, state_width: int, num_teachers:
     0 for a rule without one (``meta`` learns inside the step)."""
     if not needs_agent_actor(config):
         return 0
-    per_sample = state_width + 1 + (2 * num_teachers if config.agent.rule == "reinforce" else 0)
+    per_unit = state_width + 1 + (2 * num_teachers if config.agent.rule == "reinforce" else 0)
     batches = min(config.agent.agent_step, max(1, batches_per_epoch))
-    return batches * config.data.batch_size * per_sample * 4
+    units = config.data.batch_size * max(1, config.distill.region_grid) ** 2  # per-region: G*G units per image
+    return batches * units * per_unit * 4
 
 
 def check_agent_buffer(config: ExperimentConfig, descriptions: list[dict], num_classes: int,
-                       batches_per_epoch: int) -> None:
+                       batches_per_epoch: int, task: Task | None = None) -> None:
     """Refuse a config whose agent buffer could outgrow ``runtime.agent_buffer_mb`` (only strategies
     with an agent have one)."""
     if not needs_agent_actor(config):  # only the reference and reinforce rules store experience
         return
-    width = state_dim([int(d["embedding_dim"]) for d in descriptions], num_classes)
+    width = state_dim(*(task or ClassificationTask()).state_layout(descriptions, num_classes))
     need = agent_buffer_bytes(config, width, len(descriptions), batches_per_epoch)
     limit = config.runtime.agent_buffer_mb * 2**20
     if need > limit:
@@ -238,14 +242,18 @@ class Distiller:
         teacher_transform: rewrites the teachers' outputs of each step after the student's forward
             pass (:class:`TransformInputs` -> per teacher :class:`Outputs`): controlled corruptions
             for experiments (benchmarks/weighting.py); None in training.
+        task: the task (:mod:`mtkd.tasks`: its losses, agent state and metric per decision unit);
+            default classification.
     """
 
     def __init__(self, config: ExperimentConfig, pool: TeacherPool, num_classes: int, input_shape, *, agent=None,
                  device: str | torch.device | None = None,
                  wrap_module: Callable[[nn.Module], nn.Module] | None = None,
                  agree: Callable[[bool], bool] | None = None,
-                 teacher_transform: Callable[["TransformInputs"], list[Outputs]] | None = None):
+                 teacher_transform: Callable[["TransformInputs"], list[Outputs]] | None = None,
+                 task: Task | None = None):
         self.config = config
+        self.task = task or ClassificationTask()
         self.teacher_transform = teacher_transform
         self.pool = pool
         self.device = resolve_device(device if device is not None else config.runtime.device)
@@ -257,7 +265,7 @@ class Distiller:
         self.module.to(self.device, memory_format=memory_format(self.precision))
         self.forward_module = wrap_module(self.module) if wrap_module is not None else self.module
         self.optimizer = make_optimizer(self.module, config.optim)
-        self.strategy = build_strategy(config, self.descriptions, num_classes, agent, self.device)
+        self.strategy = build_strategy(config, self.descriptions, num_classes, agent, self.device, self.task)
         if self.strategy.uses_teachers and not self.descriptions:
             raise PoolMismatchError(f"strategy {config.distill.strategy!r} needs at least one teacher; the pool is empty")
         self.agree = agree
@@ -273,9 +281,10 @@ class Distiller:
     # ------------------------------------------------------------------ one step
     def step(self, images: torch.Tensor, targets: torch.Tensor, teacher_outputs: list[Outputs] | None,
              sample_index: torch.Tensor | None = None) -> StepResult:
-        """One optimiser step on a batch ``images [B, C, H, W]``, ``targets [B]`` (on :attr:`device`),
-        with the teachers' float32 outputs on the same device; ``sample_index [B]`` (the samples'
-        indices in the dataset) is only read by a :attr:`teacher_transform`.
+        """One optimiser step on a batch ``images [B, C, H, W]``, ``targets`` (``[B]`` labels or
+        ``[B, H, W]`` masks, on :attr:`device`), with the teachers' float32 outputs on the same device;
+        ``sample_index [B]`` (the samples' indices in the dataset) is only read by a :attr:`teacher_transform`.
+        The task turns the outputs into per-unit losses ``[U, M]``; the strategy weights them.
 
         The step's scalars are gathered into one tensor and read with a single device sync.
         """
@@ -284,48 +293,48 @@ class Distiller:
             student_out, projected = self.forward_module(images)
         student_out = Outputs(*(t.float() for t in student_out))  # losses in fp32 (a no-op in fp32)
         projected = [p.float() for p in projected]
-        ce = per_sample_ce(student_out.logits, targets)  # [B]
-        correct = (student_out.logits.detach().argmax(1) == targets).sum()
+        student = self.task.student_terms(student_out, targets)
+        ce, correct = student.unit_loss, student.correct  # [U], scalar
         where = f"epoch {self.epoch + 1} step {self.global_step + 1}"
         if not self.strategy.uses_teachers:
-            loss = ce.mean()
+            loss = student.loss
             zero = torch.zeros((), device=self.device)
-            values = torch.stack([loss.detach(), loss.detach(), zero, zero, zero, zero, correct.float()]).tolist()
+            values = torch.stack([loss.detach(), loss.detach(), zero, zero, zero, zero, correct.float(),
+                                  student.counted.float().to(self.device)]).tolist()
             _check_finite({"ce": values[1]}, where, self.agree)
             self._optimise(loss)
-            return StepResult(*values[:4], correct=int(values[6]), batch=targets.shape[0], weight_logit=[],
-                              weight_feature=[], reward=0.0, reward_hat=0.0, diagnostics={})
+            return StepResult(*values[:4], correct=int(values[6]), batch=images.shape[0], weight_logit=[],
+                              weight_feature=[], reward=0.0, reward_hat=0.0, diagnostics={}, counted=int(values[7]))
         if self.teacher_transform is not None:
             teacher_outputs = self.teacher_transform(TransformInputs(
                 sample_index, targets, Outputs(*(t.detach() for t in student_out)), [p.detach() for p in projected],
                 teacher_outputs))
-        kl = torch.stack([kd_kl(student_out.logits, t.logits, cfg.temperature) for t in teacher_outputs], 1)  # [B, M]
-        mse = torch.stack([feature_mse(p, t.feature) for p, t in zip(projected, teacher_outputs)], 1)  # [B, M]
+        terms = self.task.distill_terms(student_out, projected, teacher_outputs, targets, cfg.temperature)
+        kl, mse = terms.kl, terms.mse  # [U, M] each
         state = None
         if self.strategy.needs_state:
-            state = agent_state(projected, [t.embedding for t in teacher_outputs], student_out.logits,
-                                [t.logits for t in teacher_outputs], targets, cfg.temperature)
-        weights = self.strategy.weights(StepInputs(
-            [t.logits for t in teacher_outputs], targets, state, self.warmup, student_logits=student_out.logits.detach(),
-            student_embedding=student_out.embedding.detach(), temperature=cfg.temperature))
-        kd_term = (weights.logit * kl).mean(0).sum()
-        feature_term = cfg.beta * (weights.feature * mse).mean(0).sum()
-        ce_term = ce.mean()
+            state = self.task.agent_state(student_out, projected, teacher_outputs, targets, cfg.temperature)
+        inputs = self.task.step_inputs(student_out, teacher_outputs, targets, state, self.warmup, cfg.temperature)
+        weights = self.strategy.weights(inputs)
+        kd_term = terms.reduce(weights.logit * kl)
+        feature_term = cfg.beta * terms.reduce(weights.feature * mse)
+        ce_term = student.loss
         loss = ce_term + kd_term + feature_term
         reward = raw_reward(ce.detach(), kl.detach(), mse.detach(), weights.logit, weights.feature, cfg.beta)
         scalars = torch.cat([torch.stack([loss.detach(), ce_term.detach(), kd_term.detach(), feature_term.detach(),
-                                          reward.mean(), normalized_reward(reward).mean(), correct.float()]),
+                                          reward.mean(), normalized_reward(reward).mean(), correct.float(),
+                                          student.counted.float().to(self.device)]),
                              weights.logit.detach().mean(0), weights.feature.detach().mean(0)])
         values = scalars.tolist()  # the step's one host sync
         _check_finite(dict(zip(LOSS_PARTS, values[1:4])), where, self.agree)
-        self._add_class_weights(targets, weights)
+        self._add_class_weights(inputs.unit_labels, weights)
         self._optimise(loss)
         diagnostics = dict(weights.diagnostics)
         diagnostics.update(self.strategy.observe(StepFeedback(state, reward, weights.logit, weights.feature, self.warmup)))
         num_teachers = len(teacher_outputs)
-        return StepResult(*values[:4], correct=int(values[6]), batch=targets.shape[0],
-                          weight_logit=values[7:7 + num_teachers], weight_feature=values[7 + num_teachers:],
-                          reward=values[4], reward_hat=values[5], diagnostics=diagnostics)
+        return StepResult(*values[:4], correct=int(values[6]), batch=images.shape[0],
+                          weight_logit=values[8:8 + num_teachers], weight_feature=values[8 + num_teachers:],
+                          reward=values[4], reward_hat=values[5], diagnostics=diagnostics, counted=int(values[7]))
 
     def _add_class_weights(self, targets: torch.Tensor, weights) -> None:
         """Accumulate, on the device, the teacher weights of each class (for ``class_weights/*``)."""
@@ -411,8 +420,9 @@ class Distiller:
         return metrics
 
     def evaluate(self, loader) -> dict:
-        """Top-1 accuracy and mean CE of the student on ``loader`` (no augmentation)."""
-        return evaluate_model(self.module.student, loader, self.device, self.precision)
+        """The task's test metrics of the student on ``loader`` (no augmentation): top-1 accuracy and
+        mean CE; for segmentation also ``test/miou``."""
+        return self.task.evaluate(self.module.student, loader, self.device, self.precision)
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict:

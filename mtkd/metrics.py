@@ -17,7 +17,7 @@ from mtkd.models import Outputs
 
 @dataclass
 class StepResult:
-    """Scalars of one step (Python floats) and the per-teacher mean weights."""
+    """Scalars of one step (Python floats) and the per-teacher mean weights (over the step's units)."""
 
     loss: float
     ce: float
@@ -30,13 +30,15 @@ class StepResult:
     reward: float
     reward_hat: float
     diagnostics: dict
+    counted: int | None = None
+    """Predictions behind ``correct`` (pixels in segmentation); None: ``batch``."""
 
 
 class EpochTotals:
     """Sample-weighted running sums of a step's scalars over an epoch."""
 
     def __init__(self, num_teachers: int):
-        self.samples = self.correct = self.steps = 0
+        self.samples = self.correct = self.counted = self.steps = 0
         self.sums = {"loss/total": 0.0, "loss/ce": 0.0, "loss/kd": 0.0, "loss/feature": 0.0,
                      "reward/mean": 0.0, "reward/normalized_mean": 0.0}
         self.weight_logit = [0.0] * num_teachers
@@ -49,6 +51,7 @@ class EpochTotals:
         self.weighted = self.weighted or bool(r.weight_logit)
         self.samples += n
         self.correct += r.correct
+        self.counted += r.batch if r.counted is None else r.counted
         self.steps += 1
         for key, value in zip(self.sums, (r.loss, r.ce, r.kd, r.feature, r.reward, r.reward_hat)):
             self.sums[key] += value * n
@@ -60,7 +63,7 @@ class EpochTotals:
     def summary(self, teacher_names: list[str]) -> dict:
         n = max(self.samples, 1)
         metrics = {k: v / n for k, v in self.sums.items()}
-        metrics["train/acc"] = self.correct / n
+        metrics["train/acc"] = self.correct / max(self.counted, 1)
         if self.weighted:  # with ce the teachers take no part: no weights to report
             for name, wl, wf in zip(teacher_names, self.weight_logit, self.weight_feature):
                 metrics[f"weights/logit/{name}"] = wl / n

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 import matplotlib
 
 matplotlib.use("Agg")
@@ -21,9 +22,11 @@ def plot_run(metrics: list[dict], path: str | Path, title: str = "") -> None:
         return
     epochs = [m["epoch"] for m in metrics]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for key, label in (("train/acc", "train"), ("test/acc", "test")):
+    dense = any("test/miou" in m for m in metrics)  # segmentation: pixel accuracy and mIoU
+    series = (("train/acc", "train"), ("test/acc", "test")) + ((("test/miou", "test mIoU"),) if dense else ())
+    for key, label in series:
         axes[0].plot(epochs, [m.get(key) for m in metrics], marker="o", label=label)
-    axes[0].set(title="top-1 accuracy", xlabel="epoch", ylabel="accuracy")
+    axes[0].set(title="pixel accuracy and mIoU" if dense else "top-1 accuracy", xlabel="epoch", ylabel="accuracy")
     axes[0].legend()
     for axis, kind in ((axes[1], "logit"), (axes[2], "feature")):
         keys = sorted({k for m in metrics for k in m if k.startswith(f"weights/{kind}/")})
@@ -48,9 +51,11 @@ def plot_comparison(histories: dict[str, list[dict]], path: str | Path) -> None:
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    dense = any("test/miou" in m for h in histories.values() for m in h)  # segmentation: mIoU
+    key, what = ("test/miou", "mIoU") if dense else ("test/acc", "top-1")
     for name, history in histories.items():
-        axes[0].plot([m["epoch"] for m in history], [m["test/acc"] for m in history], marker="o", label=name)
-    axes[0].set(title="student test accuracy", xlabel="epoch", ylabel="top-1")
+        axes[0].plot([m["epoch"] for m in history], [m.get(key) for m in history], marker="o", label=name)
+    axes[0].set(title=f"student test {'mIoU' if dense else 'accuracy'}", xlabel="epoch", ylabel=what)
     axes[0].legend()
     for name, history in histories.items():
         for key in sorted({k for m in history for k in m if k.startswith("weights/logit/")}):
@@ -88,5 +93,49 @@ def plot_class_trust(class_weights: list[list[float]], teacher_names: list[str],
     ax.set(title=title or "mean logit-KD weight per teacher and class", xlabel="teacher", ylabel="class")
     fig.colorbar(image, ax=ax, fraction=0.05)
     fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_segmentation_examples(images: torch.Tensor, masks: torch.Tensor, predictions: dict[str, torch.Tensor],
+                               class_names: list[str], path: str | Path, title: str = "") -> None:
+    """Test images with their ground truth and each model's predicted mask side by side (one row per
+    image, one column per model), in one colour per class with a legend.
+
+    Args:
+        images: ``[N, H, W]`` grey images (any scale; shown min-max).
+        masks: ``[N, H, W]`` ground-truth class ids (255: ignored, shown black).
+        predictions: column title -> ``[N, H, W]`` predicted class ids.
+        class_names: K names (colour ``k`` is class ``k``).
+        path: PNG file to write.
+    """
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    colours = plt.get_cmap("tab20")(range(len(class_names)))
+    colours[0] = (0.12, 0.12, 0.12, 1.0)  # class 0 (background) dark
+    cmap = ListedColormap(colours)
+    columns = [("image", None), ("ground truth", masks), *predictions.items()]
+    rows = images.shape[0]
+    fig, axes = plt.subplots(rows, len(columns), figsize=(1.7 * len(columns), 1.7 * rows + 0.9), squeeze=False)
+    for r in range(rows):
+        for c, (name, value) in enumerate(columns):
+            axis = axes[r][c]
+            if value is None:
+                axis.imshow(images[r].float().numpy(), cmap="gray")
+            else:
+                shown = value[r].clone()
+                shown[shown == 255] = 0
+                axis.imshow(shown.numpy(), cmap=cmap, vmin=0, vmax=len(class_names) - 1, interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if r == 0:
+                axis.set_title(name, fontsize=8)
+    fig.legend(handles=[Patch(color=colours[k], label=n) for k, n in enumerate(class_names)], loc="lower center",
+               ncol=min(6, len(class_names)), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -28,6 +28,8 @@ def epoch_line(metrics: dict, epochs: int) -> str:
     line = f"epoch {metrics['epoch']}/{epochs}  loss {metrics['loss/total']:.4f}  train acc {metrics['train/acc']:.4f}"
     if "test/acc" in metrics:
         line += f"  test acc {metrics['test/acc']:.4f}"
+    if "test/miou" in metrics:
+        line += f"  test mIoU {metrics['test/miou']:.4f}"
     return line + f"  ({metrics['time/epoch_s']:.1f} s)"
 
 
@@ -89,12 +91,16 @@ def finish(config: ExperimentConfig, run: RunDirectory, train_set, descriptions:
     meta = {"model": config.student, "num_classes": train_set.num_classes,
             "in_channels": train_set.image_shape[0], "input_shape": list(train_set.image_shape),
             "dataset": {"name": train_set.name, "digest": train_set.digest, "mean": list(train_set.mean),
-                        "std": list(train_set.std)},
+                        "std": list(train_set.std), "options": dict(config.data.options)},
             "test_accuracy": history[-1]["test/acc"] if history else None,
             "distilled_with": config.distill.strategy, "teachers": teacher_manifest(descriptions)}
+    summary = {"run_dir": str(run.path), "epochs": epochs, "test_acc": meta["test_accuracy"],
+               "plot": str(run.plot_path), "student": str(run.path / "student")}
+    if history and "test/miou" in history[-1]:  # segmentation
+        meta["task"] = "segmentation"
+        meta["test_miou"] = summary["test_miou"] = history[-1]["test/miou"]
     export_student(run.path / "student", module_state, meta)
-    return {"run_dir": str(run.path), "epochs": epochs, "test_acc": meta["test_accuracy"],
-            "plot": str(run.plot_path), "student": str(run.path / "student")}
+    return summary
 
 
 def prepare_run_dir(run: RunDirectory, resume: bool, overwrite: bool) -> None:
@@ -135,7 +141,8 @@ def run_inprocess(config: ExperimentConfig, resume: bool = False, stop_after_epo
     run = RunDirectory(config.output_dir)
     prepare_run_dir(run, resume, overwrite)
     if resume:
-        session.restore(run.checkpoint_to_resume())
+        _, state, meta = run.load_resumable()  # the newest valid checkpoint; newer broken ones are named
+        session.load(state, meta)
         run.truncate(run.metrics_path, "epoch", session.epoch)  # the work done after that checkpoint
         run.truncate(run.steps_path, "step", session.distiller.global_step)
     save_config(config, run.path / "config.yaml")

@@ -31,6 +31,7 @@ from mtkd.data import BatchLoader, ImageDataset
 from mtkd.engine import Distiller, check_agent_buffer
 from mtkd.experiment import eval_loader, load_checkpoint, load_data, save_checkpoint, train_loader
 from mtkd.metrics import StepResult
+from mtkd.tasks import task_for_dataset
 from mtkd.teachers import check_same_pool, teacher_manifest
 
 
@@ -117,10 +118,11 @@ class Session:
         if store is not None:
             pool.use_cache(store, CacheContext(dataset_cache_id(train_set), config.data.crop_padding,
                                                config.cache.value_dtype))
+        task = task_for_dataset(train_set, config.distill.region_grid)
         distiller = Distiller(config, pool, train_set.num_classes, train_set.image_shape, agent=agent, device=device,
-                              wrap_module=wrap_module, agree=agree)
+                              wrap_module=wrap_module, agree=agree, task=task)
         check_agent_buffer(config, distiller.descriptions, train_set.num_classes,
-                           len(train_set) // config.data.batch_size)
+                           len(train_set) // config.data.batch_size, task)
         return cls(config, distiller, train_set, test_set,
                    train_loader(train_set, config.data, config.seed, rank, world_size),
                    eval_loader(test_set, config.data), rank, world_size)

@@ -12,9 +12,9 @@ from mtkd.data import BatchLoader, train_test
 from mtkd.devices import resolve_device
 from mtkd.engine import PoolMismatchError
 from mtkd.experiment import RunDirectory
-from mtkd.metrics import evaluate_model
 from mtkd.runner import prepare_run_dir, train_and_record
 from mtkd.session import Session
+from mtkd.tasks import task_for_dataset, task_of
 from mtkd.teachers import LocalTeacherPool, load_model_checkpoint, save_teacher
 
 
@@ -46,28 +46,36 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True, overwrite: boo
         "model": cfg.model, "num_classes": train_set.num_classes, "in_channels": train_set.image_shape[0],
         "input_shape": list(train_set.image_shape), "class_names": list(train_set.class_names or []),
         "dataset": {"name": train_set.name, "digest": train_set.digest, "train_samples": len(train_set),
-                    "test_samples": len(test_set), "mean": list(train_set.mean), "std": list(train_set.std)},
-        "test_accuracy": history[-1]["test/acc"], "epochs": cfg.optim.epochs, "seed": cfg.seed,
+                    "test_samples": len(test_set), "mean": list(train_set.mean), "std": list(train_set.std),
+                    "options": dict(cfg.data.options)},
+        "task": task_of(train_set), "test_accuracy": history[-1]["test/acc"], "epochs": cfg.optim.epochs,
+        "seed": cfg.seed,
         "trained_with": {"device": str(distiller.device), "precision": distiller.precision,
                          "schedule": cfg.optim.schedule},
         "train_seconds": round(time.perf_counter() - start, 1),
     }
+    if "test/miou" in history[-1]:
+        meta["test_miou"] = history[-1]["test/miou"]
     return save_teacher(cfg.output_dir, distiller.module.student, meta)
 
 
 def evaluate_checkpoint(folder: str | Path, data_name: str | None = None, root: str | None = None,
                         batch_size: int = 500, device: str = "auto") -> dict:
-    """Top-1 accuracy (fp32, on ``device``) of a checkpoint folder on the test split of its dataset (or ``data_name``)."""
+    """Top-1 accuracy (fp32, on ``device``) of a checkpoint folder on the test split of its dataset (or
+    ``data_name``); for a segmentation checkpoint pixel accuracy and mIoU (``test_miou``)."""
     model, meta = load_model_checkpoint(folder)
     device = resolve_device(device)
     model.to(device)
-    _, test_set = train_test(data_name or meta["dataset"]["name"], root)
+    _, test_set = train_test(data_name or meta["dataset"]["name"], root, **meta["dataset"].get("options", {}))
     if test_set.num_classes != meta["num_classes"]:
         raise PoolMismatchError(f"checkpoint {str(folder)!r} predicts {meta['num_classes']} classes but dataset "
                          f"{test_set.name!r} has {test_set.num_classes}")
     if tuple(test_set.image_shape) != tuple(meta["input_shape"]):
         raise PoolMismatchError(f"checkpoint {str(folder)!r} takes input {tuple(meta['input_shape'])} but dataset "
                          f"{test_set.name!r} gives {tuple(test_set.image_shape)}")
-    scores = evaluate_model(model, BatchLoader(test_set, batch_size, shuffle=False), device)
-    return {"checkpoint": str(folder), "model": meta["model"], "dataset": test_set.name,
-            "samples": len(test_set), "test_accuracy": scores["test/acc"], "test_loss": scores["test/loss"]}
+    scores = task_for_dataset(test_set).evaluate(model, BatchLoader(test_set, batch_size, shuffle=False), device, "fp32")
+    result = {"checkpoint": str(folder), "model": meta["model"], "dataset": test_set.name,
+              "samples": len(test_set), "test_accuracy": scores["test/acc"], "test_loss": scores["test/loss"]}
+    if "test/miou" in scores:
+        result["test_miou"] = scores["test/miou"]
+    return result

@@ -120,6 +120,7 @@ class Teacher:
         probe = self.infer(torch.zeros(1, *meta["input_shape"]))  # eager: a batch-1 compile would be wasted
         self.embedding_dim = probe.embedding.shape[1]
         self.feature_shape = tuple(probe.feature.shape[1:])
+        self.logit_size = tuple(probe.logits.shape[2:])  # () for class scores, (h, w) for dense logit maps
         if compile:
             self._forward = torch.compile(self.model, dynamic=False, options={"freezing": True})
 
@@ -140,7 +141,8 @@ class Teacher:
         return Outputs(*(t.float() for t in self.infer_raw(images)))
 
     def describe(self) -> dict:
-        """Name, classes, input shape, embedding dim, feature shape, weights digest, model, and the
+        """Name, classes, input shape, embedding dim, feature shape, logit size (``()`` for a classifier,
+        ``(h, w)`` of a segmentation network's logit map at its own stride), weights digest, model, and the
         input normalisation it was trained with (``mean``/``std`` per channel in ``[0, 1]`` pixel
         scale, None when the checkpoint does not record them); ``precision`` and ``numerics`` say how
         it computes (``bf16``, ``cpu-bf16-foldbn-torch2.13.0``)."""
@@ -152,6 +154,7 @@ class Teacher:
             "input_shape": tuple(self.meta["input_shape"]),
             "embedding_dim": int(self.embedding_dim),
             "feature_shape": tuple(int(s) for s in self.feature_shape),
+            "logit_size": tuple(int(s) for s in self.logit_size),
             "digest": self.meta["weights_digest"],
             "mean": tuple(dataset["mean"]) if dataset.get("mean") else None,
             "std": tuple(dataset["std"]) if dataset.get("std") else None,

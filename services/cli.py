@@ -28,16 +28,21 @@ def cmd_distill(args: argparse.Namespace) -> dict:
     config = core.load_experiment(args)
     options = dict(resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch, progress=not args.quiet,
                    overwrite=args.overwrite)
-    if config.runtime.runtime == "ray":
-        from services.learner.driver import run_ray
+    run_dir = config.output_dir  # as given: the resume line repeats it
+    with core.stop_on_signals():  # SIGINT/SIGTERM: stop, then say how to continue (exit 130/143)
+        if config.runtime.runtime == "ray":
+            from services.learner.driver import run_ray, resumable_epoch
 
-        summary = run_ray(config, **options)
-    else:
-        from mtkd.runner import run_inprocess
-        from services.cache import open_store
+            with core.say_how_to_resume(run_dir, lambda: resumable_epoch(config)):
+                summary = run_ray(config, **options)
+        else:
+            from mtkd.experiment import RunDirectory
+            from mtkd.runner import run_inprocess
+            from services.cache import open_store
 
-        with open_store(config.cache.url, config.cache.max_memory_mb) as store:
-            summary = run_inprocess(config, store=store, **options)
+            with core.say_how_to_resume(run_dir, RunDirectory(run_dir).resumable_epoch):
+                with open_store(config.cache.url, config.cache.max_memory_mb) as store:
+                    summary = run_inprocess(config, store=store, **options)
     summary.pop("history", None)
     return summary
 
@@ -232,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `mtkd`: returns the exit code: 0, 2 for a user error (``mtkd.errors.UserError``),
-    3 for a numeric one (``mtkd.errors.NumericError``), each reported in one line; any other error
-    is a bug and propagates with its traceback."""
+    3 for a numeric one (``mtkd.errors.NumericError``), each reported in one line; 130/143 for a
+    ``distill`` stopped by SIGINT/SIGTERM (its last line: how to continue); any other error is a bug
+    and propagates with its traceback."""
     return core.run(build_parser(), argv)
 
 

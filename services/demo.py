@@ -70,15 +70,16 @@ def cached_teacher(cfg: TeacherTrainConfig, cache_dir: Path) -> dict:
     return {**meta, "path": cfg.output_dir}
 
 
-def format_table(rows: list[tuple[str, str, str, float]]) -> str:
+def format_table(rows: list[tuple[str, str, str, float]], metric: str = "test acc") -> str:
     """Teachers and students with each student's gain over ``ce``, ``aver`` and, when it ran, ``camkd``
-    (points)."""
+    (points of ``metric``: test accuracy, or mIoU in segmentation)."""
     accuracy = {s: a for _, role, s, a in rows if role == "student"}
     bases = ("ce", "aver", "camkd") if "camkd" in accuracy else ("ce", "aver")
-    header = f"{'model':<14}{'role':<10}{'strategy':<10}{'test acc':>9}" + "".join(f"{'vs ' + b:>10}" for b in bases)
+    width = max(14, max(len(m) + 2 for m, *_ in rows))
+    header = f"{'model':<{width}}{'role':<10}{'strategy':<10}{metric:>9}" + "".join(f"{'vs ' + b:>10}" for b in bases)
     lines = [header, "-" * len(header)]
     for model, role, strategy, acc in rows:
-        line = f"{model:<14}{role:<10}{strategy:<10}{acc * 100:>8.2f}%"
+        line = f"{model:<{width}}{role:<10}{strategy:<10}{acc * 100:>8.2f}%"
         for base in bases:
             shown = role == "student" and base in accuracy and strategy not in ("ce", base)
             line += f"{(acc - accuracy[base]) * 100:>+10.2f}" if shown else " " * 10
@@ -96,14 +97,16 @@ def run_demo(config_path: str | None, overrides: list[str], runtime: str = "ray"
         cfg = copy.deepcopy(demo.teacher)
         cfg.model = model
         teachers.append(cached_teacher(cfg, Path(demo.cache_dir)))
-    rows = [(t["model"], "teacher", "-", t["test_accuracy"]) for t in teachers]
+    dense = "test_miou" in teachers[0]  # segmentation: mIoU is the metric
+    metric, key = ("test mIoU", "test_miou") if dense else ("test acc", "test_accuracy")
+    rows = [(t["model"], "teacher", "-", t[key]) for t in teachers]
     runs = run_students(demo, teachers, runtime)
-    rows += [(demo.student.student, "student", s, r["test_acc"]) for s, r in runs.items()]
+    rows += [(demo.student.student, "student", s, r["test_miou" if dense else "test_acc"]) for s, r in runs.items()]
     plots = draw(demo, runs, teachers)
-    print(format_table(rows))
+    print(format_table(rows, metric))
     print("\nplots: " + ", ".join(str(p) for p in plots.values()))
     return {"wall_seconds": round(time.perf_counter() - start, 1), **{f"{k}_plot": str(v) for k, v in plots.items()},
-            "table": [{"model": m, "role": r, "strategy": s, "test_acc": a} for m, r, s, a in rows]}
+            "table": [{"model": m, "role": r, "strategy": s, key.replace("accuracy", "acc"): a} for m, r, s, a in rows]}
 
 
 def run_students(demo: DemoConfig, teachers: list[dict], runtime: str) -> dict[str, dict]:
@@ -155,11 +158,36 @@ def draw(demo: DemoConfig, runs: dict[str, dict], teachers: list[dict]) -> dict[
     out = Path(demo.output_dir)
     plots = {"comparison": out / "comparison.png"}
     plot_comparison({s: r["history"] for s, r in runs.items()}, plots["comparison"])
+    data = demo.student.data
+    test_set = load_dataset(data.name, data.root, "test", **data.options)
+    if test_set.task == "segmentation":
+        plots["masks"] = out / "masks.png"
+        draw_masks(test_set, teachers, runs, plots["masks"])
     agent_run = runs.get("mtkd_rl")
     if agent_run and agent_run["history"] and "class_weights/logit" in agent_run["history"][-1]:
         last = agent_run["history"][-1]
-        names = load_dataset(demo.student.data.name, demo.student.data.root, "test").class_names
+        names = test_set.class_names
         plots["class_trust"] = out / "class_trust.png"
         plot_class_trust(last["class_weights/logit"], [t["model"] for t in teachers], names, plots["class_trust"],
                          title=f"which teacher the agent trusts for which class (epoch {last['epoch']})")
     return plots
+
+
+def draw_masks(test_set, teachers: list[dict], runs: dict[str, dict], path: Path, count: int = 6) -> None:
+    """The first ``count`` test images with ground truth, each teacher's and each student's masks."""
+    import torch
+
+    from mtkd.data import BatchLoader
+    from mtkd.plot import plot_segmentation_examples
+
+    batch = next(iter(BatchLoader(test_set, count, shuffle=False)))
+    predictions = {}
+    columns = [(t["model"], t["path"]) for t in teachers] + [(f"student {s}", r["student"]) for s, r in runs.items()]
+    for title, folder in columns:
+        model, _ = load_model_checkpoint(folder)
+        with torch.no_grad():
+            logits = model.eval()(batch.images)[0]
+        predictions[title] = torch.nn.functional.interpolate(logits, size=batch.labels.shape[-2:], mode="bilinear",
+                                                             align_corners=False).argmax(1)
+    plot_segmentation_examples(test_set.images[:count, 0], batch.labels, predictions, test_set.class_names, path,
+                               title="test canvases: ground truth, teachers, students")

@@ -34,19 +34,30 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def teacher_dirs(tmp_path_factory) -> list[str]:
-    """Two different small teachers (7x7 and 3x3 feature maps), one epoch on 1536 samples each."""
+    """Two different small teachers (7x7 and 3x3 feature maps), one epoch on 1536 samples each.
+
+    Trained with one torch thread (the count is restored afterwards): batches of 32 gain little from
+    a second thread, and on a busy 2-core machine OpenMP threads crawl (measured: 13 s with one
+    thread, 59 s with two)."""
     if not FASHION.exists():
         pytest.skip("Fashion-MNIST is not installed")
+    import torch
+
     from mtkd.teacher_training import train_teacher
 
     root = tmp_path_factory.mktemp("teachers")
     folders = []
-    for model in TEACHER_MODELS:
-        cfg = TeacherTrainConfig(model=model, output_dir=str(root / model), seed=1,
-                                 data=DataConfig(train_subset=1536, test_subset=256, batch_size=32, crop_padding=2),
-                                 optim=OptimConfig(epochs=1, lr=0.05, nesterov=False, weight_decay=5e-4, milestones=[]))
-        train_teacher(cfg, progress=False)
-        folders.append(cfg.output_dir)
+    threads = torch.get_num_threads()
+    try:
+        for model in TEACHER_MODELS:
+            cfg = TeacherTrainConfig(model=model, output_dir=str(root / model), seed=1, threads=1,
+                                     data=DataConfig(train_subset=1536, test_subset=256, batch_size=32, crop_padding=2),
+                                     optim=OptimConfig(epochs=1, lr=0.05, nesterov=False, weight_decay=5e-4,
+                                                       milestones=[]))
+            train_teacher(cfg, progress=False)
+            folders.append(cfg.output_dir)
+    finally:
+        torch.set_num_threads(threads)
     return folders
 
 
@@ -75,10 +86,11 @@ def step_losses(run_dir) -> list[float]:
     return [s["loss"] for s in run.read(run.steps_path)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def inprocess_reference(tmp_path_factory, teacher_dirs) -> list[float]:
     """The in-process engine's per-step losses on the :data:`EQUIVALENCE` experiment (the reference
-    the Ray runtime must reproduce to a relative 1e-6)."""
+    the Ray runtime must reproduce to a relative 1e-6). Computed once per session: it depends only on
+    the session's teachers and a fixed config."""
     import torch
 
     from mtkd.runner import run_inprocess

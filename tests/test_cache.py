@@ -157,13 +157,28 @@ def test_decode_refuses_corrupt_values():
     assert empty.feature.shape == (0, 8, 3, 3)
 
 
+def test_dense_logit_maps_round_trip():
+    """A segmentation teacher's logit map ``[C, h, w]`` at its own stride is stored whole, bit for bit."""
+    dense = Outputs(torch.randn(3, 11, 6, 5), torch.randn(3, 16), torch.randn(3, 8, 3, 3))
+    layout = OutputLayout.of(dense)
+    assert layout.logit_size == (6, 5) and layout.values_per_sample == 11 * 30 + 16 + 72
+    assert layout == OutputLayout.from_description({"num_classes": 11, "embedding_dim": 16, "feature_shape": [8, 3, 3],
+                                                    "logit_size": [6, 5]})
+    back = decode_samples(encode_samples(dense, torch.float32), layout, torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(dense, back))
+    half = decode_samples(encode_samples(dense, torch.bfloat16), layout, torch.bfloat16)
+    assert torch.equal(half.logits, dense.logits.to(torch.bfloat16))
+
+
 def test_layouts_and_dtypes():
     assert OutputLayout.of(outputs(2)) == LAYOUT
     assert OutputLayout.from_description({"num_classes": 10, "embedding_dim": 16, "feature_shape": [8, 3, 3]}) == LAYOUT
     with pytest.raises(ValueError, match=r"feature_shape=\(8, 3\)"):
         OutputLayout(10, 16, (8, 3))
-    with pytest.raises(ValueError, match=r"expected \[B, C\], \[B, D\], \[B, K, H, W\] with one B"):
+    with pytest.raises(ValueError, match=r"expected \[B, C\] \(or \[B, C, h, w\]\), \[B, D\], \[B, K, H, W\] with one B"):
         encode_samples(Outputs(torch.zeros(2, 3), torch.zeros(3, 4), torch.zeros(2, 1, 1, 1)), torch.float32)
+    with pytest.raises(ValueError, match=r"logit_size=\(5,\)"):
+        OutputLayout(10, 16, (8, 3, 3), (5,))
     with pytest.raises(ValueError, match="without feature"):
         encode_samples(Outputs(torch.zeros(2, 3), torch.zeros(2, 4), None), torch.float32)
     assert resolve_value_dtype("auto", torch.bfloat16) == torch.bfloat16
@@ -321,7 +336,7 @@ def test_computed_outputs_of_another_layout_are_an_error():
     cache = TeacherOutputCache(MemoryStore(), LAYOUT, torch.float32, name="wrn")
     k = batch_keys(range(2))
     with pytest.raises(ValueError, match=r"teacher wrn: computed outputs of OutputLayout\(num_classes=10, "
-                                         r"embedding_dim=16, feature_shape=\(4, 3, 3\)\)"):
+                                         r"embedding_dim=16, feature_shape=\(4, 3, 3\), logit_size=\(\)\)"):
         cache.outputs(k, lambda: outputs(2, OutputLayout(10, 16, (4, 3, 3))))
 
 

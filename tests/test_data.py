@@ -137,6 +137,7 @@ SMOKE_BUILDERS = {
     "cifar10": lambda root: make_cifar_root(root, hundred=False) and {},
     "cifar100": lambda root: make_cifar_root(root, hundred=True) and {},
     "image_folder": lambda root: make_image_folder(root) and {"channels": 3},
+    "canvases": lambda root: make_idx_root(root, gz=True, hw=(28, 28)) and {"num_canvases": 6, "size": 16},
 }
 
 
@@ -148,14 +149,20 @@ def test_every_registered_dataset_loads(name, tmp_path):
     for ds, split in ((train, "train"), (test, "test")):
         assert (ds.name, ds.split) == (name, split)
         assert ds.images.dtype == torch.uint8 and ds.images.dim() == 4
-        assert ds.labels.dtype == torch.int64 and len(ds) == ds.labels.shape[0] > 0
+        assert len(ds) == ds.labels.shape[0] > 0
         assert len(ds.mean) == len(ds.std) == ds.images.shape[1]
         image, label = ds[0]
-        assert image.shape == ds.images.shape[1:] and 0 <= int(label) < ds.num_classes
+        assert image.shape == ds.images.shape[1:]
+        if ds.task == "segmentation":  # a mask per image: its classes, or 255 (ignored)
+            assert ds.labels.dtype == torch.uint8 and label.shape == image.shape[1:]
+            assert bool(((label < ds.num_classes) | (label == 255)).all())
+        else:
+            assert ds.labels.dtype == torch.int64 and 0 <= int(label) < ds.num_classes
     assert test.mean == train.mean and test.std == train.std
     assert len(test.digest) == 16 and test.digest != train.digest
     batch = next(iter(BatchLoader(train, 4, augment=True, crop_padding=2)))
     assert batch.images.dtype == torch.float32 and batch.images.shape[1:] == train.images.shape[1:]
+    assert batch.labels.dtype == torch.int64 and batch.labels.shape[1:] == train.labels.shape[1:]
 
 
 def test_unknown_dataset_lists_valid_names():

@@ -1,12 +1,13 @@
 """Datasets (in-memory uint8 splits), seeded batch augmentation and a shardable batch loader.
 
 Importing this package registers every loader in ``DATASETS``:
-``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``image_folder``.
+``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``image_folder`` and ``canvases``
+(segmentation: masks as labels).
 """
-from mtkd.data import cifar, folder, idx  # noqa: F401  (registers the loaders)
+from mtkd.data import canvases, cifar, folder, idx  # noqa: F401  (registers the loaders)
 from mtkd.data.augment import AugmentParams, apply_augment, augment_batch, augment_params, normalize
 from mtkd.data.cifar import RestrictedUnpickler, UnsafePickleError
-from mtkd.data.dataset import DataError, DataNotFoundError, ImageDataset, channel_stats, subset
+from mtkd.data.dataset import IGNORE_INDEX, DataError, DataNotFoundError, ImageDataset, channel_stats, subset
 from mtkd.data.idx import read_idx
 from mtkd.data.loader import (Batch, BatchLoader, augment_bank_table, augment_generator, bank_slots, derive_seed,
                               epoch_order)
@@ -17,6 +18,7 @@ __all__ = [
     "AugmentParams",
     "Batch",
     "BatchLoader",
+    "IGNORE_INDEX",
     "DataError",
     "DataNotFoundError",
     "ImageDataset",

@@ -42,20 +42,22 @@ def augment_params(batch_size: int, generator: torch.Generator, crop_padding: in
     return AugmentParams(dy, dx, flip & hflip)
 
 
-def apply_augment(images: torch.Tensor, params: AugmentParams, crop_padding: int) -> torch.Tensor:
-    """Crop (zero padding) and flip ``images`` as ``params`` say.
+def apply_augment(images: torch.Tensor, params: AugmentParams, crop_padding: int, fill: int = 0) -> torch.Tensor:
+    """Crop (padding with ``fill``) and flip ``images`` as ``params`` say.
 
     Args:
-        images: ``[B, C, H, W]`` uint8 or float.
+        images: ``[B, C, H, W]`` uint8 or float (masks: ``[B, 1, H, W]`` with ``fill`` the ignore index,
+            so that a mask moves with its image).
         params: from ``augment_params`` with the same ``B`` and ``crop_padding``.
-        crop_padding: zero padding on each side before cropping back to ``H x W``.
+        crop_padding: padding on each side before cropping back to ``H x W``.
+        fill: value of the padding pixels (0 for images).
 
     Returns:
         ``[B, C, H, W]`` with ``images``' dtype.
     """
     b, c, h, w = images.shape
     p = crop_padding
-    padded = F.pad(images, (p, p, p, p)) if p else images  # zeros
+    padded = F.pad(images, (p, p, p, p), value=fill) if p else images
     wp = w + 2 * p
     cols = torch.arange(w, device=images.device)
     cols = torch.where(params.flip.to(images.device)[:, None], w - 1 - cols, cols)  # [B, W]

@@ -39,9 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from mtkd.data.augment import normalize
-from mtkd.data.dataset import DataError, ImageDataset
+from mtkd.data.dataset import DataError, ImageDataset, channel_stats
 from mtkd.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_STATS, fashion_mnist
 from mtkd.data.loader import derive_seed
+from mtkd.data.registry import DATASETS
 from mtkd.data.seg_augment import IGNORE_INDEX, Taps, resample_separable
 
 CANVAS_CLASSES = ["background", *FASHION_MNIST_CLASSES]
@@ -421,3 +422,42 @@ class CanvasDataset:
     def __repr__(self) -> str:
         return (f"CanvasDataset(split={self.split!r}, n={self.num_canvases}, size={self.params.size}, "
                 f"seed={self.seed}, num_classes={self.num_classes})")  # fmt: skip
+
+
+@DATASETS.register(name="canvases")
+def canvas_split(root=None, split="train", *, mean=None, std=None, num_canvases: int | None = None, seed: int = 0,
+                 cache_dir: str | None = None, **params) -> ImageDataset:
+    """A split of garment canvases as a segmentation :class:`ImageDataset` (masks ``[N, S, S]`` uint8,
+    11 classes; the dataset registry's ``canvases``).
+
+    Args:
+        root: the Fashion-MNIST folder (default ``/usr/share/datasets/fashion-mnist``).
+        split: ``"train"`` or ``"test"``.
+        mean, std: normalisation; default the train canvases' own statistics.
+        num_canvases: canvases in the split (default 4000 train, 1000 test).
+        seed: the canvases' seed (the data; independent of the run's seed, so that paired runs see the
+            same canvases).
+        cache_dir: a folder for a safetensors copy of the split (None: generated every time, ~1,000/s).
+        **params: :class:`CanvasParams` fields (``size``, ``garments``, ``scale``...).
+
+    Example YAML:
+        data: {name: canvases, options: {size: 64, num_canvases: 4000, cache_dir: cache/canvases}}
+    """
+    count = num_canvases
+    if isinstance(num_canvases, dict):  # per split: {train: 4000, test: 1000}
+        count = num_canvases.get(split)
+    try:
+        canvas_params = CanvasParams(**params)
+    except TypeError as err:
+        raise DataError(f"canvases: {err}; the options are num_canvases, seed, cache_dir and "
+                        f"{', '.join(f.name for f in dataclasses.fields(CanvasParams))}") from None
+    data = CanvasDataset(split, num_canvases=count, seed=seed, params=canvas_params, root=root, cache_dir=cache_dir)
+    if mean is None or std is None:
+        train = data if split == "train" else CanvasDataset(
+            "train", num_canvases=count, seed=seed, params=canvas_params, root=root, cache_dir=cache_dir)
+        mean, std = channel_stats(train.images)
+    return ImageDataset(images=data.images, labels=data.masks, num_classes=NUM_CANVAS_CLASSES, name="canvases",
+                        split=split, mean=mean, std=std, class_names=list(CANVAS_CLASSES))
+
+
+canvas_split.task = "segmentation"  # read by mtkd.tasks.dataset_task before any canvas is made

@@ -23,11 +23,14 @@ class DataNotFoundError(UserError, FileNotFoundError):
 
 @dataclass(eq=False)
 class ImageDataset:
-    """A whole split of an image-classification dataset, held in memory as uint8.
+    """A whole split of an image dataset, held in memory: classification (a label per image) or
+    semantic segmentation (a mask per image).
 
     Attributes:
         images: ``[N, C, H, W]`` uint8 pixels.
-        labels: ``[N]`` int64 class indices in ``[0, num_classes)``.
+        labels: ``[N]`` int64 class indices in ``[0, num_classes)`` (classification), or ``[N, H, W]``
+            uint8 masks with values in ``[0, num_classes)`` or ``IGNORE_INDEX`` (255, pixels that take no
+            part: segmentation).
         num_classes: number of classes.
         name: registry name of the dataset (``"fashion_mnist"``, ...).
         split: ``"train"``, ``"test"`` or an image-folder split name.
@@ -67,6 +70,11 @@ class ImageDataset:
         return self.images[i], self.labels[i]
 
     @property
+    def task(self) -> str:
+        """``"segmentation"`` when the labels are masks, else ``"classification"``."""
+        return "segmentation" if self.labels.dim() == 3 else "classification"
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)``."""
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
@@ -86,9 +94,16 @@ class ImageDataset:
         )
 
 
+IGNORE_INDEX = 255
+"""Mask value of pixels that take no part in losses and metrics (padding, unlabelled)."""
+
+
 def _check_images_labels(images: torch.Tensor, labels: torch.Tensor, num_classes: int, what: str) -> None:
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"{what}: images must be uint8 [N, C, H, W]; got {images.dtype} {list(images.shape)}")
+    if labels.dim() == 3:
+        _check_masks(images, labels, num_classes, what)
+        return
     if labels.dtype != torch.int64 or labels.dim() != 1:
         raise ValueError(f"{what}: labels must be int64 [N]; got {labels.dtype} {list(labels.shape)}")
     if images.shape[0] != labels.shape[0]:
@@ -97,6 +112,21 @@ def _check_images_labels(images: torch.Tensor, labels: torch.Tensor, num_classes
         raise ValueError(
             f"{what}: labels span [{int(labels.min())}, {int(labels.max())}]; expected [0, {num_classes - 1}]"
         )
+
+
+def _check_masks(images: torch.Tensor, masks: torch.Tensor, num_classes: int, what: str) -> None:
+    if masks.dtype != torch.uint8:
+        raise ValueError(f"{what}: masks must be uint8 [N, H, W]; got {masks.dtype}")
+    if masks.shape[0] != images.shape[0] or masks.shape[1:] != images.shape[2:]:
+        raise ValueError(f"{what}: masks {list(masks.shape)} do not match images {list(images.shape)}; expected "
+                         f"[N, H, W] = [{images.shape[0]}, {images.shape[2]}, {images.shape[3]}]")
+    if num_classes > IGNORE_INDEX:
+        raise ValueError(f"{what}: {num_classes} classes; masks hold at most {IGNORE_INDEX}")
+    values = torch.unique(masks)
+    bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
+    if bad.numel():
+        raise ValueError(f"{what}: mask value {int(bad[0])} is out of range; expected [0, {num_classes - 1}] or "
+                         f"{IGNORE_INDEX} (ignored)")
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[Stats, Stats]:

@@ -29,7 +29,7 @@ from typing import Iterator, NamedTuple
 import torch
 
 from mtkd.data.augment import AugmentParams, apply_augment, augment_params, normalize
-from mtkd.data.dataset import ImageDataset
+from mtkd.data.dataset import IGNORE_INDEX, ImageDataset
 
 
 class Batch(NamedTuple):
@@ -38,7 +38,8 @@ class Batch(NamedTuple):
     Attributes:
         index: global batch index ``k`` within the epoch (the same on every rank layout).
         images: ``[B, C, H, W]`` float32, augmented (if enabled) and normalised.
-        labels: ``[B]`` int64.
+        labels: ``[B]`` int64 (classification) or ``[B, H, W]`` int64 masks, moved with their images
+            (segmentation; padding pixels 255).
         sample_index: ``[B]`` int64 indices of the samples in the dataset (``BatchLoader`` always
             sets it; None only in batches built by hand).
         augment: the augmentation applied to each sample (``AugmentParams`` of ``[B]`` tensors:
@@ -207,11 +208,14 @@ class BatchLoader:
         elif self.augment:  # = augment_batch
             generator = augment_generator(self.seed, self.epoch, k)
             params = augment_params(len(index), generator, self.crop_padding, self.hflip)
+        labels = self.dataset.labels[index]
         if params is not None:  # kept in uint8 so that normalize fuses the scaling
             images = apply_augment(images, params, self.crop_padding)
+            if labels.dim() == 3:  # masks move with their images
+                labels = apply_augment(labels[:, None], params, self.crop_padding, fill=IGNORE_INDEX)[:, 0]
         images = normalize(images, self.dataset.mean, self.dataset.std)
         # index is a view of the epoch's order: clone it, so that a pickled batch does not carry all N
-        return Batch(k, images, self.dataset.labels[index], index.clone(), params)
+        return Batch(k, images, labels.long(), index.clone(), params)
 
 
 def _check_args(n: int, batch_size: int, crop_padding: int, rank: int, world_size: int) -> None:

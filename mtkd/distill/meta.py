@@ -38,38 +38,55 @@ Read top to bottom, one student step ``t`` (B samples, M teachers, C classes, D 
   distillation pushed the classifier against the right teachers on held-out samples, and towards one
   whose distillation agreed with them.
 
+Dense tasks (segmentation, :mod:`mtkd.tasks`) weight *units* (images or grid cells) scored in many
+*rows* (pixels): ``phi``'s label and top probabilities are each unit's mean over its rows, the class
+bias reads the unit's most frequent label, ``delta``, ``v`` and ``h`` are computed per row (``e`` the
+student's backbone feature at the pixel) and ``h`` is averaged over each unit's rows. With one row
+per unit (classification) this is the computation above, unchanged.
+
 With several learners (DistributedDataParallel) each computes ``h`` on its own batches; the policy's
 gradient and the running scale are averaged over learners before the step, so every learner keeps
 the same policy. The pending step is part of the agent's state: a resumed run continues exactly.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .strategies import per_unit_mean
 
 NUM_FEATURES = 4
 """Per (sample, teacher): teacher probability of the label, ``exp(-KL gap / T^2)``, teacher top
 probability, feature cosine."""
 SCALE_MOMENTUM = 0.9
 """Of the running mean of ``|h|`` that normalises the hypergradient."""
+_PAIRWISE_LIMIT = 1 << 20
+"""Above this many (row, meta row) pairs, :func:`meta_direction` sums in an order without the pairwise matrix."""
 
 
 def teacher_features(teacher_logits: list[torch.Tensor], targets: torch.Tensor, logit_gap: torch.Tensor,
-                     feature_gap: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``phi`` ``[B, M, 4]``: the teacher's probability of the label, ``exp(-KL_T / T^2)``, its top
+                     feature_gap: torch.Tensor, temperature: float,
+                     per_unit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """``phi`` ``[U, M, 4]``: the teacher's probability of the label, ``exp(-KL_T / T^2)``, its top
     probability and the feature cosine, each in ``[0, 1]`` (the cosine in ``[-1, 1]``).
 
     Args:
-        teacher_logits: per teacher ``[B, C]``. targets: ``[B]``.
-        logit_gap: ``[B, M]`` ``KL_T(teacher || student)`` (``T^2`` included).
-        feature_gap: ``[B, M]`` cosine of the projected student feature and the teacher embedding.
+        teacher_logits: per teacher ``[R, C]`` (a row per prediction). targets: ``[R]``.
+        logit_gap: ``[U, M]`` ``KL_T(teacher || student)`` (``T^2`` included).
+        feature_gap: ``[U, M]`` cosine of the projected student feature and the teacher embedding.
+        per_unit: ``[R, M]`` -> ``[U, M]`` mean over each unit's rows (None: the rows are the units).
     """
-    probs = torch.stack([F.softmax(z, 1) for z in teacher_logits], 1)  # [B, M, C]
-    label = probs.gather(2, targets[:, None, None].expand(-1, probs.shape[1], 1)).squeeze(2)  # [B, M]
-    agreement = torch.exp(-logit_gap / temperature**2)  # [B, M]
-    return torch.stack([label, agreement, probs.amax(2), feature_gap], 2).detach()
+    probs = torch.stack([F.softmax(z, 1) for z in teacher_logits], 1)  # [R, M, C]
+    label = probs.gather(2, targets[:, None, None].expand(-1, probs.shape[1], 1)).squeeze(2)  # [R, M]
+    top = probs.amax(2)  # [R, M]
+    if per_unit is not None:
+        label, top = per_unit(label), per_unit(top)
+    agreement = torch.exp(-logit_gap / temperature**2)  # [U, M]
+    return torch.stack([label, agreement, top, feature_gap], 2).detach()
 
 
 def kd_logit_gradient(student_logits: torch.Tensor, teacher_logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
@@ -108,8 +125,11 @@ def meta_direction(embedding: torch.Tensor, meta_embedding: torch.Tensor, meta_g
         meta_embedding: ``[N, D]`` the meta batch's embeddings.
         meta_gradient: ``[N, C]`` the meta loss's gradient with respect to each meta sample's logits.
     """
-    similarity = embedding @ meta_embedding.T + 1.0  # [B, N]
-    return similarity @ meta_gradient / meta_gradient.shape[0]
+    if embedding.shape[0] * meta_embedding.shape[0] <= _PAIRWISE_LIMIT:
+        similarity = embedding @ meta_embedding.T + 1.0  # [B, N]
+        return similarity @ meta_gradient / meta_gradient.shape[0]
+    # many rows (pixels): the same sum in the other order, without the [B, N] matrix
+    return (embedding @ (meta_embedding.T @ meta_gradient) + meta_gradient.sum(0)) / meta_gradient.shape[0]
 
 
 def hypergradient(delta: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -179,13 +199,16 @@ class MetaAgent:
             gradient = consensus_gradient(inputs.student_logits, inputs.targets, inputs.teacher_logits,
                                           inputs.temperature)  # [N, C]
             self.update(inputs.student_embedding, gradient)
+        per_unit = None if inputs.unit_of_row is None else inputs.per_unit
         features = teacher_features(inputs.teacher_logits, inputs.targets, inputs.state.logit_gap,
-                                    inputs.state.feature_gap, inputs.temperature)  # [B, M, F]
+                                    inputs.state.feature_gap, inputs.temperature, per_unit)  # [U, M, F]
         with torch.no_grad():
-            weights = self.policy(features, inputs.targets)  # [B, M]
-        self.pending = {"features": features, "targets": inputs.targets.detach(),
+            weights = self.policy(features, inputs.unit_labels)  # [U, M]
+        self.pending = {"features": features, "targets": inputs.unit_labels.detach(),
                         "delta": kd_logit_gradient(inputs.student_logits, inputs.teacher_logits, inputs.temperature),
                         "embedding": inputs.student_embedding.detach()}
+        if inputs.unit_of_row is not None:  # rows are pixels: the hypergradient is averaged per unit
+            self.pending["unit_of_row"] = inputs.unit_of_row.detach()
         return weights, weights
 
     def update(self, meta_embedding: torch.Tensor, meta_gradient: torch.Tensor) -> None:
@@ -193,7 +216,9 @@ class MetaAgent:
         the meta loss's gradient on its logits ``[N, C]``."""
         p = self.pending
         b_direction = meta_direction(p["embedding"], meta_embedding.detach(), meta_gradient.detach())  # [B, C]
-        b_h = hypergradient(p["delta"], b_direction)  # [B, M]
+        b_h = hypergradient(p["delta"], b_direction)  # [R, M]
+        if "unit_of_row" in p:
+            b_h = per_unit_mean(b_h, p["unit_of_row"], p["features"].shape[0])  # [U, M]
         magnitude = _mean_over_learners(b_h.abs().mean())
         self.scale = magnitude if self.version == 0 else SCALE_MOMENTUM * self.scale + (1 - SCALE_MOMENTUM) * magnitude
         b_h = b_h / self.scale.clamp(min=1e-12)

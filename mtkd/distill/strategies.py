@@ -26,16 +26,22 @@ STRATEGIES: Registry = Registry("strategy")
 
 @dataclass
 class StepInputs:
-    """What a strategy may look at for one batch (B samples, M teachers, C classes).
+    """What a strategy may look at for one batch: U decision units, M teachers, C classes, scored in
+    R *rows* (a row is a prediction: an image in classification, where rows are the units, or a
+    pixel of a segmentation unit). Strategies return ``[U, M]`` weights and never know the task.
 
     Attributes:
-        teacher_logits: per teacher ``[B, C]``.
-        targets: ``[B]``.
-        state: the agent state, present when the strategy ``needs_state``.
+        teacher_logits: per teacher ``[R, C]``.
+        targets: ``[R]`` the label of each row.
+        state: the agent state per unit, present when the strategy ``needs_state``.
         warmup: True during the warm-up epochs.
-        student_logits: ``[B, C]`` the student's logits of this step, detached.
-        student_embedding: ``[B, D]`` the student's embedding (the classifier's input), detached.
+        student_logits: ``[R, C]`` the student's logits of this step, detached.
+        student_embedding: ``[R, D]`` the student's embedding (the classifier's input), detached.
         temperature: the KD temperature T.
+        unit_of_row: ``[R]`` int64 the unit of each row, or None: the rows are the units.
+        num_units: U when ``unit_of_row`` is given.
+        unit_targets: ``[U]`` a label per unit (a segmentation unit's most frequent label), or None:
+            ``targets``.
     """
 
     teacher_logits: list[torch.Tensor]
@@ -45,6 +51,34 @@ class StepInputs:
     student_logits: torch.Tensor | None = None
     student_embedding: torch.Tensor | None = None
     temperature: float = 4.0
+    unit_of_row: torch.Tensor | None = None
+    num_units: int | None = None
+    unit_targets: torch.Tensor | None = None
+
+    @property
+    def units(self) -> int:
+        """U, the number of decision units."""
+        return self.targets.shape[0] if self.unit_of_row is None else int(self.num_units)
+
+    @property
+    def unit_labels(self) -> torch.Tensor:
+        """``[U]`` one label per unit."""
+        return self.targets if self.unit_targets is None else self.unit_targets
+
+    def per_unit(self, values: torch.Tensor) -> torch.Tensor:
+        """``[R, ...]`` per row -> ``[U, ...]`` mean over each unit's rows (0 for a unit without rows);
+        ``values`` itself when the rows are the units."""
+        return per_unit_mean(values, self.unit_of_row, self.num_units)
+
+
+def per_unit_mean(values: torch.Tensor, unit_of_row: torch.Tensor | None, num_units: int | None) -> torch.Tensor:
+    """``[R, ...]`` -> ``[U, ...]`` mean over the rows of each unit (``unit_of_row [R]``); ``values``
+    itself when ``unit_of_row`` is None."""
+    if unit_of_row is None:
+        return values
+    totals = values.new_zeros((int(num_units), *values.shape[1:])).index_add_(0, unit_of_row, values)
+    counts = torch.bincount(unit_of_row, minlength=int(num_units)).clamp(min=1).to(values.dtype)
+    return totals / counts.view(-1, *([1] * (values.dim() - 1)))
 
 
 @dataclass
@@ -93,8 +127,7 @@ class Strategy:
 
 
 def _uniform(inputs: StepInputs, value: float) -> torch.Tensor:
-    batch, num_teachers = inputs.targets.shape[0], len(inputs.teacher_logits)
-    return torch.full((batch, num_teachers), value, device=inputs.targets.device)
+    return torch.full((inputs.units, len(inputs.teacher_logits)), value, device=inputs.targets.device)
 
 
 @STRATEGIES.register(name="ce")
@@ -104,7 +137,7 @@ class CrossEntropyOnly(Strategy):
     uses_teachers = False
 
     def weights(self, inputs: StepInputs) -> Weights:
-        zeros = torch.zeros(inputs.targets.shape[0], 0, device=inputs.targets.device)
+        zeros = torch.zeros(inputs.units, 0, device=inputs.targets.device)
         return Weights(zeros, zeros)
 
 
@@ -119,21 +152,21 @@ class EqualWeights(Strategy):
 
 @STRATEGIES.register(name="ebkd")
 class EntropyBased(Strategy):
-    """``w = (1 - softmax_m(H)) / (M - 1)``, H the entropy of each teacher's prediction."""
+    """``w = (1 - softmax_m(H)) / (M - 1)``, H the entropy of each teacher's prediction (a unit's mean)."""
 
     def weights(self, inputs: StepInputs) -> Weights:
-        entropy = torch.stack([prediction_entropy(z) for z in inputs.teacher_logits], dim=1)
-        w = inverted_softmax_over_teachers(entropy)
+        entropy = torch.stack([prediction_entropy(z) for z in inputs.teacher_logits], dim=1)  # [R, M]
+        w = inverted_softmax_over_teachers(inputs.per_unit(entropy))
         return Weights(w, w)
 
 
 @STRATEGIES.register(name="camkd")
 class ConfidenceAware(Strategy):
-    """``w = (1 - softmax_m(CE(z_t, y))) / (M - 1)`` for both logit and feature terms."""
+    """``w = (1 - softmax_m(CE(z_t, y))) / (M - 1)`` for both logit and feature terms (CE: a unit's mean)."""
 
     def weights(self, inputs: StepInputs) -> Weights:
-        ce = torch.stack([per_sample_ce(z, inputs.targets) for z in inputs.teacher_logits], dim=1)
-        w = inverted_softmax_over_teachers(ce)
+        ce = torch.stack([per_sample_ce(z, inputs.targets) for z in inputs.teacher_logits], dim=1)  # [R, M]
+        w = inverted_softmax_over_teachers(inputs.per_unit(ce))
         return Weights(w, w)
 
 

@@ -14,7 +14,8 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
     """Build a registered network.
 
     Args:
-        name: a name from :func:`list_models`, e.g. ``"resnet56"``.
+        name: a name from :func:`list_models`, e.g. ``"resnet56"``, or a segmentation network's
+            (:func:`mtkd.models.segmentation.list_seg_models`, returning ``DenseOutputs``).
         num_classes: C, classes of the classifier (>= 2).
         in_channels: channels of the input images (>= 1; 1 for Fashion-MNIST).
         **kwargs: family-specific options, e.g. ``width_mult`` for ``mobilenetv2``.
@@ -32,7 +33,12 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
     ``model: resnet20`` in a teacher-training file); the config takes no ``kwargs``, so the models it
     builds use their family's defaults.
     """
-    factory = MODELS.get(name)
+    from mtkd.models.segmentation._factory import SEG_MODELS
+
+    if name not in MODELS and name in SEG_MODELS:  # a dense network: one entry point builds any checkpoint
+        factory = SEG_MODELS.get(name)
+    else:
+        factory = MODELS.get(name)
     check_sizes(num_classes, in_channels)
     return factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
 

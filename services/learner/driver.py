@@ -15,11 +15,14 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import ray
 import ray.train
@@ -33,11 +36,13 @@ from mtkd.config import ExperimentConfig, save_config, to_dict
 from mtkd.distill import STRATEGIES
 from mtkd.engine import PoolMismatchError, agent_kwargs, needs_agent_actor
 from mtkd.errors import RUN_ERRORS, UserError, error_class
-from mtkd.experiment import RunDirectory, load_checkpoint, load_data
-from mtkd.models import MODELS
+from mtkd.experiment import (RunDirectory, load_checkpoint, load_data, no_valid_checkpoint, print_warning,
+                             write_checkpoint_folder)
 from mtkd.runner import KEEP_CHECKPOINTS, finish, plot_title, prepare_run_dir
+from mtkd.tasks import model_registry, task_for_dataset
 from services.agent.actor import start_agent_actor
 from services.cache import open_store
+from services.learner.checkpoints import newest_valid, with_older
 from services.learner.events import EventWriter
 from services.teacher_server.pool import replica_resources, start_teacher_actors, stop_actors, teacher_source
 
@@ -117,6 +122,20 @@ def connect_ray(config: ExperimentConfig) -> RayLink:
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RayUnavailableError(f"could not start or join {where}: {first_line}") from error
+
+
+def connect_ray_keeping_sigterm(config: ExperimentConfig) -> RayLink:
+    """:func:`connect_ray`, keeping this process's own SIGTERM handler: ``ray.init`` replaces it with
+    one that exits with status 15, which would pre-empt ``mtkd distill``'s (stop, then say how to
+    continue, exit 143). A default handler is left to Ray's."""
+    if threading.current_thread() is not threading.main_thread():
+        return connect_ray(config)
+    ours = signal.getsignal(signal.SIGTERM)
+    try:
+        return connect_ray(config)
+    finally:
+        if callable(ours) and signal.getsignal(signal.SIGTERM) is not ours:
+            signal.signal(signal.SIGTERM, ours)
 
 
 def ensure_ray(config: ExperimentConfig) -> bool:
@@ -242,14 +261,54 @@ def actor_failure(error: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------- checks
-def preflight(config: ExperimentConfig, storage: Path | str, name: str, resume: bool) -> None:
+def preflight(config: ExperimentConfig, storage: Path | str, name: str, resume: bool,
+              run: RunDirectory | None = None) -> str | None:
     """Driver-side checks before the teachers and learners start: names, and on resume that the Ray
-    Train run has a checkpoint. (The learners' :class:`mtkd.session.Session` checks the pool against
-    the data and the checkpoint, and returns what it refuses.)"""
-    MODELS.get(config.student)
+    Train run has a valid checkpoint (:func:`resume_checkpoint`; a newer broken one is named in a
+    warning). (The learners' :class:`mtkd.session.Session` checks the pool against the data and the
+    checkpoint, and returns what it refuses.)
+
+    Returns:
+        On resume, the path of the checkpoint Ray Train will hand the learners (its newest, which
+        the learners then check as the driver did), else None.
+    """
+    model_registry(config.data.name).get(config.student)
     STRATEGIES.get(config.distill.strategy)
-    if resume:
-        latest_checkpoint(storage, name)
+    if not resume:
+        return None
+    newest = latest_checkpoint(storage, name)
+    resume_checkpoint(newest, run or RunDirectory(config.output_dir), warn=print_warning)
+    return newest.path
+
+
+def resume_checkpoint(newest: ray.train.Checkpoint, run: RunDirectory,
+                      warn: Callable[[str], None] | None = None) -> ray.train.Checkpoint:
+    """The newest valid of the Ray Train run's checkpoints, from ``newest`` back (their files are
+    checked against their digests and loaded); ``warn`` gets a line per newer one passed over.
+
+    Raises:
+        CheckpointError: none is valid (one line naming the run folder).
+    """
+    found = newest_valid(newest, warn)
+    if found is None:
+        raise CheckpointError(no_valid_checkpoint(run.path, with_older(newest), name=lambda c: c.path))
+    return found[0]
+
+
+def resumable_epoch(config: ExperimentConfig) -> int | None:
+    """The epoch of the Ray run's newest valid checkpoint in its Ray Train storage (what ``--resume``
+    continues after), or None: no Ray Train run recorded, or no valid checkpoint yet."""
+    run = RunDirectory(Path(config.output_dir).resolve())
+    record = run.path / RAY_RUN_FILE
+    if not record.is_file():
+        return None
+    storage = config.runtime.storage_path or str(run.path / "ray")
+    try:
+        newest = latest_checkpoint(storage, read_json(record)["name"])
+    except (CheckpointError, KeyError, TypeError):
+        return None
+    found = newest_valid(newest)
+    return None if found is None else int(found[1][1].get("epoch", 0))
 
 
 def latest_checkpoint(storage: Path | str, name: str):
@@ -310,16 +369,38 @@ def run_ray(config: ExperimentConfig, resume: bool = False, stop_after_epoch: in
     storage = config.runtime.storage_path or str(run.path / "ray")
     name = train_run_name(run, storage, resume)
     save_config(config, run.path / "config.yaml")
-    preflight(config, storage, name, resume)
+    checked = preflight(config, storage, name, resume, run)
     with open_store(config.cache.url, config.cache.max_memory_mb) as store:
-        link = connect_ray(config)
+        link = connect_ray_keeping_sigterm(config)
         warn_if_local_cache(config.cache.url, link.private)
         return _run(config, run, storage, name, stop_after_epoch, progress, link,
-                    store.url if store is not None else None)
+                    store.url if store is not None else None, checked)
+
+
+def fit(trainer: TorchTrainer):
+    """``trainer.fit()`` in a helper thread, the main thread waiting: Ray Train registers its own
+    SIGINT handler when fit runs on the main thread (it aborts the run, and fit then returns as if
+    the run had ended), which would pre-empt this process's. Here SIGINT/SIGTERM reach the main
+    thread's handlers (``mtkd distill``: stop, clean up, say how to continue)."""
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="mtkd-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _run(config: ExperimentConfig, run: RunDirectory, storage: str, name: str, stop_after_epoch: int | None,
-         progress: bool, link: RayLink, cache_url: str | None) -> dict:
+         progress: bool, link: RayLink, cache_url: str | None, checked_checkpoint: str | None = None) -> dict:
     teacher_handles: list[list] = []
     agent = events = None
     try:
@@ -329,13 +410,14 @@ def _run(config: ExperimentConfig, run: RunDirectory, storage: str, name: str, s
         descriptions = describe_teachers(teacher_handles)
         train_set, _ = load_data(config.data, config.seed)
         if needs_agent_actor(config):  # else the learner's engine builds the agent in its own process
-            agent = start_agent_actor([int(d["embedding_dim"]) for d in descriptions], _num_classes(descriptions),
-                                      **agent_kwargs(config))
+            task = task_for_dataset(train_set, config.distill.region_grid)
+            agent = start_agent_actor(*task.state_layout(descriptions, _num_classes(descriptions)), **agent_kwargs(config))
         events = Queue(actor_options={"num_cpus": 0})
         trainer = TorchTrainer(
             train_loop_per_worker=_train_loop,
             train_loop_config={"experiment": to_dict(config), "teacher_handles": teacher_handles, "agent": agent,
-                               "events": events, "cache_url": cache_url, "stop_after_epoch": stop_after_epoch},
+                               "events": events, "cache_url": cache_url, "stop_after_epoch": stop_after_epoch,
+                               "checked_checkpoint": checked_checkpoint},
             scaling_config=ScalingConfig(num_workers=config.runtime.num_learners, use_gpu=use_gpu,
                                          resources_per_worker=learner_demand(config, use_gpu)),
             run_config=RunConfig(name=name, storage_path=storage,
@@ -346,7 +428,7 @@ def _run(config: ExperimentConfig, run: RunDirectory, storage: str, name: str, s
         )
         with EventWriter(events, run, config.optim.epochs, plot_title(config), progress) as writer:
             try:
-                result = trainer.fit()
+                result = fit(trainer)
             except Exception as error:  # TrainingFailedError after the allowed restarts
                 raise worker_error(error) from error
         if result.return_value and "error" in result.return_value:
@@ -368,7 +450,8 @@ def summarise(config: ExperimentConfig, run: RunDirectory, result, train_set, de
         raise CheckpointError("the learners reported no checkpoint")
     epoch = int(result.metrics["epoch"])
     folder = run.checkpoint_dir(epoch)
-    result.checkpoint.to_directory(str(folder))
+    # downloaded into a hidden folder, verified, renamed into place; only then are older ones pruned
+    write_checkpoint_folder(folder, lambda partial: result.checkpoint.to_directory(str(partial)))
     run.prune(KEEP_CHECKPOINTS)
     state, _ = load_checkpoint(folder)
     summary = finish(config, run, train_set, descriptions, history, state["module"], epoch)

@@ -4,7 +4,8 @@ Train worker, as an explicit epoch loop like Ray Train's own examples:
 1. build the session: the data, a :class:`RayTeacherPool` over the teacher actors, the engine
    (``ray.train.torch.prepare_model``, i.e. DistributedDataParallel, with several learners);
 2. ``ray.train.get_checkpoint()``: a restarted (or resumed) learner continues from the newest
-   checkpoint in Ray Train's storage;
+   valid checkpoint in Ray Train's storage (a newer one whose files fail their digests or do not
+   load is passed over: :mod:`services.learner.checkpoints`);
 3. per epoch: train (rank 0 evaluates), check that the learners' parameters agree, then
    ``ray.train.report(metrics, checkpoint)`` (rank 0 writes the checkpoint to a temporary folder;
    Ray Train persists it to ``storage_path``).
@@ -24,6 +25,7 @@ import ray.train.torch
 import torch
 from ray.exceptions import RayTaskError
 
+from mtkd.checkpoint import CheckpointError
 from mtkd.config import ConfigError, ExperimentConfig, from_dict
 from mtkd.distill import STRATEGIES
 from mtkd.engine import teacher_fields
@@ -31,6 +33,7 @@ from mtkd.errors import RUN_ERRORS, NumericError, UserError
 from mtkd.session import Session
 from services.agent.proxy import AgentProxy
 from services.cache import RedisStore
+from services.learner.checkpoints import newest_valid
 from services.learner.collective import all_true, parameter_digests
 from services.learner.events import EventSender
 from services.teacher_server.pool import RayTeacherPool
@@ -90,6 +93,22 @@ def run_error(error: BaseException) -> dict:
     return {"type": type(error).__name__, "base": base.__name__, "message": str(error)}
 
 
+def restore_newest_valid(session: Session, checkpoint: ray.train.Checkpoint, warn: bool) -> None:
+    """Continue from ``checkpoint`` or, when its files fail their digests or do not load, from the
+    newest valid one before it in the storage; with ``warn``, log (WARNING) each one passed over
+    (the driver has already named those of the checkpoint it checked before the run).
+
+    Raises:
+        CheckpointError: none is valid.
+    """
+    log = logging.getLogger(__name__)
+    found = newest_valid(checkpoint, warn=(lambda line: log.warning("[mtkd] warning: %s", line)) if warn else None)
+    if found is None:
+        raise CheckpointError(f"no valid checkpoint to resume from in {checkpoint.path!r} or before it")
+    _, (state, meta) = found
+    session.load(state, meta)
+
+
 def train_loop_per_worker(loop_config: dict) -> dict:
     """Ray Train worker loop.
 
@@ -97,7 +116,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         loop_config: ``experiment`` (the config as a dict), ``teacher_handles`` (per teacher, its
             replica actor handles), ``agent`` (the agent actor's handle, or None: the engine builds
             its agent in this process), ``events`` (the queue to the driver), ``cache_url`` (the
-            teachers' Redis or None), ``stop_after_epoch``.
+            teachers' Redis or None), ``stop_after_epoch``, ``checked_checkpoint`` (on ``--resume``,
+            the path of the Ray Train checkpoint the driver checked, and warned about, before the run).
 
     Returns:
         Rank 0's is the run's ``Result.return_value``: ``{"epochs": N}``, or ``{"error":
@@ -121,8 +141,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             agree=(lambda flag: all_true(flag, device)) if world_size > 1 else None, rank=rank, world_size=world_size)
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
-            with checkpoint.as_directory() as folder:
-                session.restore(Path(folder))
+            already_named = checkpoint.path == loop_config.get("checked_checkpoint")  # by the driver, on --resume
+            restore_newest_valid(session, checkpoint, warn=rank == 0 and not already_named)
         events = EventSender(loop_config.get("events") if rank == 0 else None)
         events.start(session.epoch, session.distiller.global_step, len(session.train_loader))
         for _ in session.epochs(loop_config.get("stop_after_epoch")):

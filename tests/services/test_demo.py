@@ -18,9 +18,14 @@ from conftest import needs_fashion
 
 pytestmark = [needs_fashion, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["teacher.data.train_subset=512", "teacher.data.test_subset=300", "teacher.optim.epochs=1",
+# One torch thread for teachers and students: on a busy 2-core machine two OpenMP threads crawl (the
+# benchmark's six tiny runs measured 85 s with two threads, 15 s with one). Not part of a teacher's cache key.
+ONE_THREAD = ["teacher.threads=1", "student.runtime.threads=1"]
+# The teachers are those of the accuracy benchmark's --quick mode (512 images, 500 test images, one epoch):
+# both tests share one teacher cache, so the benchmark reuses the demo's teachers instead of training its own.
+TINY = ["teacher.data.train_subset=512", "teacher.data.test_subset=500", "teacher.optim.epochs=1",
         "teacher_models=[resnet8, vgg8]", "student.data.train_subset=256", "student.data.test_subset=300",
-        "student.optim.epochs=2", "student.optim.milestones=[1]", "student.runtime.teacher_precision=fp32"]
+        "student.optim.epochs=2", "student.optim.milestones=[1]", "student.runtime.teacher_precision=fp32", *ONE_THREAD]
 
 
 def test_format_table_shows_each_students_gain_over_ce_and_aver():
@@ -43,12 +48,18 @@ def test_format_table_adds_a_camkd_column_when_camkd_ran():
     assert lines[5].split() == ["resnet8", "student", "mtkd_rl", "82.75%", "+2.75", "+1.25", "+0.75"]
 
 
+@pytest.fixture(scope="module")
+def teacher_cache(tmp_path_factory) -> Path:
+    """One ``cache_dir`` for the module's demo and benchmark runs (their teacher configs are the same)."""
+    return tmp_path_factory.mktemp("teachers")
+
+
 @pytest.mark.ray
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
-def test_demo_runs_end_to_end_on_ray_and_reuses_its_teachers(tmp_path):
-    args = [sys.executable, "-m", "services.cli", "demo", f"cache_dir={tmp_path / 'teachers'}",
-            f"output_dir={tmp_path / 'demo'}", *TINY]
-    first = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
+def test_demo_runs_end_to_end_on_ray_and_reuses_its_teachers(tmp_path, teacher_cache):
+    command = [sys.executable, "-m", "services.cli", "demo"]
+    overrides = [f"cache_dir={teacher_cache}", f"output_dir={tmp_path / 'demo'}", *TINY]
+    first = subprocess.run([*command, *overrides], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Traceback" not in first.stderr and "core_worker" not in first.stderr, first.stderr[-3000:]
     assert first.stderr.count("epoch 2/2") == 4  # one line per epoch and run, no repeats
@@ -61,17 +72,22 @@ def test_demo_runs_end_to_end_on_ray_and_reuses_its_teachers(tmp_path):
     mtkd_rl = [json.loads(line) for line in (tmp_path / "demo" / "mtkd_rl" / "metrics.jsonl").read_text().splitlines()]
     assert mtkd_rl[-1]["cache/hit_rate"] == 1.0  # the teachers' outputs came from the aver run
 
-    again = subprocess.run([*args, "strategies=[ce]"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    # Run again with the same cache: the teachers are reused. The students' runtime plays no part in
+    # that (the Ray path is the first run's), so the second run is one ce student in-process, not a
+    # second private Ray.
+    again = subprocess.run([*command, "--runtime", "inprocess", *overrides, "strategies=[ce]"], cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("reusing") == 2 and "training on" not in again.stderr
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
-def test_accuracy_benchmark_quick_mode(tmp_path):
+def test_accuracy_benchmark_quick_mode(tmp_path, teacher_cache):
+    # the demo test's teachers when it ran first (the same teacher config): reused, not trained again
     run = subprocess.run([sys.executable, "benchmarks/accuracy.py", "--quick", "--seeds", "0", "1",
                           "--strategies", "ce", "aver", "mtkd_rl", "--output-dir", str(tmp_path / "acc"),
-                          f"cache_dir={tmp_path / 'teachers'}", "teacher_models=[resnet8, vgg8]",
-                          "student.runtime.teacher_precision=fp32"],
+                          f"cache_dir={teacher_cache}", "teacher_models=[resnet8, vgg8]",
+                          "student.runtime.teacher_precision=fp32", *ONE_THREAD],
                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)

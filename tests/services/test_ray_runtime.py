@@ -1,5 +1,10 @@
 """The distributed runtime on a real local Ray: equivalence with the in-process engine, a teacher
-actor killed mid-run, a teacher served over gRPC by another process, two learner workers."""
+actor killed mid-run, a teacher served over gRPC by another process, two learner workers.
+
+Starting a Ray Train run costs far more than its few dozen steps, so tests share runs: one run
+folder is taken through a fresh run, an overwrite, refused resumes and a resume (``one_folder``),
+and one run, with a teacher served over gRPC, meets both a killed teacher actor and a killed
+learner (``faulted_run``); each test asserts on its part."""
 from __future__ import annotations
 
 import os
@@ -54,38 +59,121 @@ def start_server(args: list[str], port_file: Path, env: dict | None = None) -> s
     return server
 
 
-def assert_same_losses(a: list[float], b: list[float]) -> None:
-    assert len(a) == len(b) >= 50
+def assert_same_losses(a: list[float], b: list[float], at_least: int = 50) -> None:
+    assert len(a) == len(b) >= at_least
     for step, (x, y) in enumerate(zip(a, b), start=1):
         assert abs(x - y) <= 1e-6 * abs(x), f"step {step}: {x} vs {y}"
 
 
-def test_ray_runtime_equals_inprocess_engine(tmp_path, teacher_dirs, inprocess_reference):
-    summary = run_ray(small_experiment(tmp_path, teacher_dirs, [*EQUIVALENCE, "runtime.runtime=ray"]), progress=False)
-    assert summary["epochs"] == 2
-    assert_same_losses(step_losses(tmp_path), inprocess_reference)
-    assert (tmp_path / "checkpoints" / "epoch_0002" / "meta.json").is_file()
-    assert any((tmp_path / "ray").rglob("weights.safetensors"))  # the Ray Train checkpoint copy
+def raised(call) -> BaseException | None:
+    """The exception ``call()`` raised, or None."""
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the tests assert on its type and message
+        return error
+    return None
 
 
-def test_ray_run_resumed_from_its_checkpoint_continues_exactly(tmp_path, teacher_dirs, inprocess_reference):
+@pytest.fixture(scope="module")
+def one_folder(tmp_path_factory, teacher_dirs) -> dict:
+    """One run folder taken, in turn, through the paths of the three tests below (each Ray Train start
+    costs seconds, the training itself far less); what each step did is recorded for them:
+
+    1. ``fresh``: a full run into a new folder;
+    2. ``overwritten``: the finished run discarded (``overwrite``) and trained again, stopped after epoch 1;
+    3. ``swapped``: a resume with the teacher pool reversed (refused), then ``unflagged``: a run into the
+       folder without ``--resume`` or ``--overwrite`` (refused);
+    4. ``resumed``: the stopped run resumed to the end.
+    """
+    folder = tmp_path_factory.mktemp("one_folder")
+    run = RunDirectory(folder)
     overrides = [*EQUIVALENCE, "runtime.runtime=ray"]
-    run_ray(small_experiment(tmp_path, teacher_dirs, overrides), stop_after_epoch=1, progress=False)
-    assert len(step_losses(tmp_path)) == 30
-    summary = run_ray(small_experiment(tmp_path, teacher_dirs, overrides), resume=True, progress=False)
-    assert summary["epochs"] == 2
-    assert_same_losses(step_losses(tmp_path), inprocess_reference)
+
+    def experiment(teachers=teacher_dirs):
+        return small_experiment(folder, teachers, overrides)
+
+    flow = {"fresh": run_ray(experiment(), progress=False)}
+    flow["fresh_losses"] = step_losses(folder)
+    flow["fresh_checkpoint"] = (folder / "checkpoints" / "epoch_0002" / "meta.json").is_file()
+    flow["fresh_ray_copy"] = any((folder / "ray").rglob("weights.safetensors"))  # the Ray Train checkpoint copy
+
+    flow["overwritten"] = run_ray(experiment(), overwrite=True, stop_after_epoch=1, progress=False)
+    flow["overwritten_steps"] = run.read(run.steps_path)
+    flow["overwritten_kept_epoch_2"] = (folder / "checkpoints" / "epoch_0002").exists()
+
+    flow["swapped"] = raised(lambda: run_ray(experiment(list(reversed(teacher_dirs))), resume=True, progress=False))
+    flow["unflagged"] = raised(lambda: run_ray(experiment(), progress=False))
+
+    flow["resumed"] = run_ray(experiment(), resume=True, progress=False)
+    flow["resumed_steps"] = run.read(run.steps_path)
+    return flow
 
 
-def test_killed_teacher_actor_restarts_and_no_batch_is_lost_or_repeated(tmp_path, teacher_dirs):
-    config = small_experiment(tmp_path, teacher_dirs, [*EQUIVALENCE, "runtime.runtime=ray"])
-    killed = []
+def test_ray_runtime_equals_inprocess_engine(one_folder, inprocess_reference):
+    assert one_folder["fresh"]["epochs"] == 2
+    assert_same_losses(one_folder["fresh_losses"], inprocess_reference)
+    assert one_folder["fresh_checkpoint"]
+    assert one_folder["fresh_ray_copy"]  # the Ray Train checkpoint copy
 
-    def kill_when_running() -> None:
+
+def test_ray_run_resumed_from_its_checkpoint_continues_exactly(one_folder, inprocess_reference):
+    assert len(one_folder["overwritten_steps"]) == 30  # stopped after epoch 1
+    assert one_folder["resumed"]["epochs"] == 2
+    assert_same_losses([s["loss"] for s in one_folder["resumed_steps"]], inprocess_reference)
+
+
+def test_ray_resume_refuses_another_pool_and_overwrite_starts_afresh(one_folder, inprocess_reference):
+    assert isinstance(one_folder["swapped"], CheckpointError), repr(one_folder["swapped"])
+    assert "teacher pool differs at teacher 0" in str(one_folder["swapped"])
+    assert isinstance(one_folder["unflagged"], FileExistsError), repr(one_folder["unflagged"])
+    assert "--resume" in str(one_folder["unflagged"])
+    # overwrite: the finished run's checkpoints discarded, trained again from step 1, nothing reloaded
+    overwritten = one_folder["overwritten"]
+    assert [m["epoch"] for m in overwritten["history"]] == [1]
+    assert [s["step"] for s in one_folder["overwritten_steps"]] == list(range(1, 31))
+    assert_same_losses([s["loss"] for s in one_folder["overwritten_steps"]], inprocess_reference[:30], at_least=30)
+    assert not one_folder["overwritten_kept_epoch_2"]  # the discarded run's last checkpoint is gone
+
+
+def train_workers() -> list:
+    """The Ray Train worker processes of this session's Ray (its raylet and workers run below this
+    process), never those of another Ray on the machine."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in process.cmdline()):
+                found.append(process)
+        except psutil.Error:  # exited meanwhile
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def faulted_run(tmp_path_factory, teacher_dirs) -> dict:
+    """One run of the :data:`EQUIVALENCE` experiment (``max_failures=1``) for the three tests below:
+    teacher 0 is a Ray actor, teacher 1 is served over gRPC (with a token) by an ``mtkd serve-teacher``
+    process. Two faults: teacher 0's actor is killed once 10 steps are written (Ray restarts it), and
+    the learner worker process is SIGKILLed once 40 steps are written (mid epoch 2; Ray Train restarts
+    it from the epoch-1 checkpoint). One learner restart is allowed, and the learner kill takes it:
+    had the teacher kill also failed the learner, the run would fail."""
+    folder = tmp_path_factory.mktemp("faulted")
+    port_file, token_file = folder / "port", folder / "token"
+    token_file.write_text("s3cret-token\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = start_server(["serve-teacher", teacher_dirs[1], "--token-file", str(token_file)], port_file, env)
+    config = small_experiment(folder / "run", teacher_dirs[:1],
+                              [*EQUIVALENCE, "runtime.runtime=ray", "runtime.max_failures=1"])
+    config.teachers.append(TeacherSpec(address=f"127.0.0.1:{port_file.read_text()}", token_file=str(token_file)))
+    steps_path = RunDirectory(folder / "run").steps_path
+    killed_teachers, killed_learners = [], []
+
+    def written() -> int:
+        return len(steps_path.read_text().splitlines()) if steps_path.is_file() else 0
+
+    def kill_teacher_when_running() -> None:
         deadline = time.time() + 300
-        steps = RunDirectory(tmp_path).steps_path
         while time.time() < deadline:
-            if steps.is_file() and len(steps.read_text().splitlines()) >= 10:
+            if written() >= 10:
                 name = next(n for n in ray.util.list_named_actors() if n.startswith("mtkd-teacher-0-"))
                 actor = ray.get_actor(name)
                 before = ray.get(actor.stats.remote(), timeout=60)
@@ -96,37 +184,51 @@ def test_killed_teacher_actor_restarts_and_no_batch_is_lost_or_repeated(tmp_path
                     if after["pid"] != before["pid"]:
                         break
                     time.sleep(0.05)
-                killed.append((before, after))
+                killed_teachers.append((before, after))
                 return
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_when_running, daemon=True)
-    killer.start()
-    summary = run_ray(config, progress=False)
-    killer.join(timeout=5)
-    assert killed, "the run ended before a teacher could be killed"
-    assert summary["epochs"] == 2
-    steps = RunDirectory(tmp_path).read(RunDirectory(tmp_path).steps_path)
-    for epoch in (1, 2):
-        assert sorted(s["batch"] for s in steps if s["epoch"] == epoch) == list(range(30))
-    assert [s["step"] for s in steps] == list(range(1, 61))
-    before, after = killed[0]
-    assert before["calls"] >= 10 and after["pid"] != before["pid"]  # a new process serves the teacher
+    def kill_the_learner_in_epoch_two() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if written() >= 40:
+                workers = train_workers()
+                for worker in workers:
+                    worker.kill()
+                killed_learners.extend(w.pid for w in workers)
+                return
+            time.sleep(0.05)
 
-
-def test_teacher_served_over_grpc_gives_the_same_numbers(tmp_path, teacher_dirs, inprocess_reference):
-    port_file, token_file = tmp_path / "port", tmp_path / "token"
-    token_file.write_text("s3cret-token\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    server = start_server(["serve-teacher", teacher_dirs[1], "--token-file", str(token_file)], port_file, env)
+    killers = [threading.Thread(target=kill_teacher_when_running, daemon=True),
+               threading.Thread(target=kill_the_learner_in_epoch_two, daemon=True)]
+    for killer in killers:
+        killer.start()
     try:
-        config = small_experiment(tmp_path / "run", teacher_dirs[:1], [*EQUIVALENCE, "runtime.runtime=ray"])
-        config.teachers.append(TeacherSpec(address=f"127.0.0.1:{port_file.read_text()}", token_file=str(token_file)))
-        run_ray(config, progress=False)
+        summary = run_ray(config, progress=False)
     finally:
         server.terminate()
         server.wait(timeout=30)
-    assert_same_losses(step_losses(tmp_path / "run"), inprocess_reference)
+    for killer in killers:
+        killer.join(timeout=5)
+    return {"summary": summary, "steps": RunDirectory(folder / "run").read(steps_path),
+            "killed_teachers": killed_teachers, "killed_learners": killed_learners}
+
+
+def test_killed_teacher_actor_restarts_and_no_batch_is_lost_or_repeated(faulted_run):
+    assert faulted_run["killed_teachers"], "the run ended before a teacher could be killed"
+    assert faulted_run["summary"]["epochs"] == 2
+    steps = faulted_run["steps"]
+    for epoch in (1, 2):
+        assert sorted(s["batch"] for s in steps if s["epoch"] == epoch) == list(range(30))
+    assert [s["step"] for s in steps] == list(range(1, 61))
+    before, after = faulted_run["killed_teachers"][0]
+    assert before["calls"] >= 10 and after["pid"] != before["pid"]  # a new process serves the teacher
+
+
+def test_teacher_served_over_grpc_gives_the_same_numbers(faulted_run, inprocess_reference):
+    # teacher 1 (vgg8) came from the gRPC server, with its token: the engine's numbers, step for step
+    assert faulted_run["summary"]["epochs"] == 2
+    assert_same_losses([s["loss"] for s in faulted_run["steps"]], inprocess_reference)
 
 
 def test_two_ddp_learners_keep_identical_parameters_after_every_epoch(tmp_path, teacher_dirs):
@@ -147,47 +249,14 @@ def test_two_ddp_learners_keep_identical_parameters_after_every_epoch(tmp_path, 
     assert last["weights/logit/resnet8"] + last["weights/logit/vgg8"] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_a_learner_worker_killed_mid_epoch_restarts_from_its_checkpoint_and_finishes(tmp_path, teacher_dirs,
+def test_a_learner_worker_killed_mid_epoch_restarts_from_its_checkpoint_and_finishes(faulted_run,
                                                                                   inprocess_reference):
-    config = small_experiment(tmp_path, teacher_dirs, [*EQUIVALENCE, "runtime.runtime=ray", "runtime.max_failures=1"])
-    steps_path = RunDirectory(tmp_path).steps_path
-    killed = []
-
-    def kill_the_learner_in_epoch_two() -> None:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if steps_path.is_file() and len(steps_path.read_text().splitlines()) >= 40:
-                workers = [p for p in psutil.process_iter(["cmdline"])
-                           if any("RayTrainWorker" in part for part in p.info["cmdline"] or ())]
-                for worker in workers:
-                    worker.kill()
-                killed.extend(w.pid for w in workers)
-                return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_the_learner_in_epoch_two, daemon=True)
-    killer.start()
-    summary = run_ray(config, progress=False)
-    killer.join(timeout=5)
-    assert len(killed) == 1, "no learner worker was found to kill"
-    assert [m["epoch"] for m in summary["history"]] == [1, 2]  # each epoch once
-    steps = RunDirectory(tmp_path).read(RunDirectory(tmp_path).steps_path)
+    assert len(faulted_run["killed_learners"]) == 1, "no learner worker was found to kill"
+    assert [m["epoch"] for m in faulted_run["summary"]["history"]] == [1, 2]  # each epoch once
+    steps = faulted_run["steps"]
     assert [s["step"] for s in steps] == list(range(1, 61))  # the lost part of epoch 2 was redone, once
     # restarted from the epoch-1 checkpoint (student, optimiser, agent, RNG): the same numbers
     assert_same_losses([s["loss"] for s in steps], inprocess_reference)
-
-
-def test_ray_resume_refuses_another_pool_and_overwrite_starts_afresh(tmp_path, teacher_dirs):
-    overrides = ["data.train_subset=128", "runtime.runtime=ray"]
-    run_ray(small_experiment(tmp_path, teacher_dirs, overrides), stop_after_epoch=1, progress=False)
-    swapped = small_experiment(tmp_path, list(reversed(teacher_dirs)), overrides)
-    with pytest.raises(CheckpointError, match="teacher pool differs at teacher 0"):
-        run_ray(swapped, resume=True, progress=False)
-    with pytest.raises(FileExistsError, match="--resume"):
-        run_ray(small_experiment(tmp_path, teacher_dirs, overrides), progress=False)
-    summary = run_ray(small_experiment(tmp_path, teacher_dirs, overrides), overwrite=True, progress=False)
-    assert [m["epoch"] for m in summary["history"]] == [1, 2]  # trained again, nothing reloaded
-    assert [s["step"] for s in RunDirectory(tmp_path).read(RunDirectory(tmp_path).steps_path)] == list(range(1, 9))
 
 
 def test_a_nan_loss_on_ray_surfaces_as_the_library_error(tmp_path, teacher_dirs):
