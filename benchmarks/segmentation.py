@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +33,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from mtkd.cache import MemoryStore, OutputLayout  # noqa: E402
 from mtkd.config import ExperimentConfig, TeacherSpec, TeacherTrainConfig  # noqa: E402
@@ -42,6 +41,8 @@ from mtkd.config_loader import apply_overrides, from_dict  # noqa: E402
 from mtkd.session import Session  # noqa: E402
 from mtkd.teacher_training import train_teacher  # noqa: E402
 from mtkd.teachers import LocalTeacherPool, load_teacher  # noqa: E402
+from gpu import device_name  # noqa: E402  (the CPU's model name, for the report)
+from weighting import paired  # noqa: E402  (mean paired difference with its exact 95% t-interval)
 
 TEACHERS = ("deeplabv3_resnet20", "lraspp_mobilenetv2", "fcn_vgg8")
 STRATEGIES = ("ce", "aver", "camkd", "camkd@4", "mtkd_rl", "mtkd_rl@4")
@@ -114,26 +115,6 @@ def run_seed(task: dict) -> list[dict]:
 
 
 # ============================================================================== statistics
-def t_quantile_975(df: int) -> float:
-    """0.975 quantile of Student's t (table for df <= 30, normal beyond)."""
-    table = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-             2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-             2.045, 2.042]
-    return table[df - 1] if df <= len(table) else 1.96
-
-
-def paired(a: list[float], b: list[float]) -> dict | None:
-    """Mean of ``a - b`` (mIoU points) with its 95% t-interval."""
-    diffs = [x - y for x, y in zip(a, b)]
-    if not diffs:
-        return None
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return {"n": 1, "mean": mean, "low": None, "high": None}
-    half = t_quantile_975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return {"n": len(diffs), "mean": mean, "low": mean - half, "high": mean + half}
-
-
 def summarise(records: list[dict], labels: list[str]) -> dict:
     by = {label: {r["seed"]: r for r in records if r["strategy"] == label} for label in labels}
     seeds = sorted({r["seed"] for r in records})
@@ -178,16 +159,6 @@ def table(summary: dict) -> str:
         lines.append(f"| {label} | {row['miou']:.2f} | {_interval(row.get('vs_ce'))} | {_interval(row.get('vs_aver'))} "
                      f"| {_interval(row.get('vs_per_image'))} | {weights} |")
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ==================================================================================== main
@@ -245,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                                              **{d: layout.value_bytes(d) for d in ("float32", "bfloat16")}}
     report = {
         "command": "python benchmarks/segmentation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "cpu": cpu_name(), "threads_per_run": args.threads, "workers": args.workers, "torch": torch.__version__,
+        "cpu": device_name(torch.device("cpu")), "threads_per_run": args.threads, "workers": args.workers, "torch": torch.__version__,
         "wall_s": round(time.perf_counter() - start, 1), "seeds": args.seeds, "strategies": labels,
         "teachers": [{"model": m["model"], "test_miou": m["test_miou"], "test_pixel_acc": m["test_accuracy"],
                       "train_seconds": m.get("train_seconds")} for m in metas],

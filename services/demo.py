@@ -178,6 +178,7 @@ def draw_masks(test_set, teachers: list[dict], runs: dict[str, dict], path: Path
     import torch
 
     from mtkd.data import BatchLoader
+    from mtkd.models.segmentation.outputs import upsample_logits
     from mtkd.plot import plot_segmentation_examples
 
     batch = next(iter(BatchLoader(test_set, count, shuffle=False)))
@@ -187,7 +188,6 @@ def draw_masks(test_set, teachers: list[dict], runs: dict[str, dict], path: Path
         model, _ = load_model_checkpoint(folder)
         with torch.no_grad():
             logits = model.eval()(batch.images)[0]
-        predictions[title] = torch.nn.functional.interpolate(logits, size=batch.labels.shape[-2:], mode="bilinear",
-                                                             align_corners=False).argmax(1)
+        predictions[title] = upsample_logits(logits, batch.labels).argmax(1)
     plot_segmentation_examples(test_set.images[:count, 0], batch.labels, predictions, test_set.class_names, path,
                                title="test canvases: ground truth, teachers, students")

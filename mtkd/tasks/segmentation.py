@@ -19,8 +19,9 @@ from torch import nn
 
 from mtkd.dense_metrics import SegmentationMeter
 from mtkd.devices import autocast
-from mtkd.distill.dense_losses import (cell_mean, dense_feature_mse, dense_feature_mse_cells, downsample_labels,
-                                       pixel_ce_map, pixel_kd_kl, pixel_kd_kl_cells, resize_logits)
+from mtkd.distill.dense_losses import (_cell_matrix, _masked_image_mean, cell_mean, dense_feature_mse,
+                                       dense_feature_mse_cells, downsample_labels, pixel_ce_map, pixel_kd_kl,
+                                       pixel_kd_kl_cells, resize_logits)
 from mtkd.distill.dense_state import dense_agent_state
 from mtkd.distill.projector import resize_feature_map
 from mtkd.distill.state import AgentState
@@ -32,19 +33,12 @@ from mtkd.tasks.base import DistillTerms, StudentTerms, Task
 IGNORE_INDEX = 255
 
 
-def _image_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``[B, H, W]`` -> ``[B]`` mean over the valid pixels (0 where none)."""
-    zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    return torch.where(valid, values, zero).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1).to(values.dtype)
-
-
 def cell_ids(height: int, width: int, grid: int, device: torch.device | None = None) -> torch.Tensor:
     """``[h, w]`` int64: the cell ``gy * G + gx`` of each pixel of an ``h x w`` map; cell row ``gy``
     covers rows ``floor(gy*h/G) .. floor((gy+1)*h/G) - 1`` (columns alike), as the per-cell losses."""
-    row_starts = torch.tensor([(g * height) // grid for g in range(grid)], device=device)
-    col_starts = torch.tensor([(g * width) // grid for g in range(grid)], device=device)
-    gy = torch.searchsorted(row_starts, torch.arange(height, device=device), right=True) - 1
-    gx = torch.searchsorted(col_starts, torch.arange(width, device=device), right=True) - 1
+    # the membership matrices of the per-cell losses ([G, n], one 1 per column): one partition for both
+    gy = _cell_matrix(height, grid, torch.float32, device).argmax(0)
+    gx = _cell_matrix(width, grid, torch.float32, device).argmax(0)
     return gy[:, None] * grid + gx[None, :]
 
 
@@ -71,12 +65,12 @@ class SegmentationTask(Task):
 
     # ------------------------------------------------------------------ losses
     def student_terms(self, student: Outputs, targets: torch.Tensor) -> StudentTerms:
-        ce, valid = pixel_ce_map(student.logits, targets, self.ignore_index)  # [B, H, W] each
-        per_image = _image_mean(ce, valid)  # [B]
+        logits = upsample_logits(student.logits, targets)  # [B, K, H, W]: once, for the loss and the count
+        ce, valid = pixel_ce_map(logits, targets, self.ignore_index)  # [B, H, W] each
+        per_image = _masked_image_mean(ce, valid)  # [B]
         unit_loss = cell_mean(ce, self.grid, valid).value.flatten() if self.per_region else per_image
         with torch.no_grad():
-            predicted = upsample_logits(student.logits.detach(), targets).argmax(1)
-            correct = ((predicted == targets) & valid).sum()
+            correct = ((logits.detach().argmax(1) == targets) & valid).sum()
         return StudentTerms(per_image.mean(), unit_loss, correct, valid.sum())
 
     def distill_terms(self, student: Outputs, projected: list[torch.Tensor], teachers: list[Outputs],
@@ -152,7 +146,7 @@ class SegmentationTask(Task):
         for batch in loader:
             images, labels = batch.images.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True)
             with autocast(device, precision):
-                logits = Outputs(*model(images)).logits.float()
+                logits = upsample_logits(Outputs(*model(images)).logits.float(), labels)  # once, for both
             ce, valid = pixel_ce_map(logits, labels, self.ignore_index)
             loss_sum += ce[valid].sum()
             pixels += valid.sum()

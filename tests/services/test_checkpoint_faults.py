@@ -16,35 +16,10 @@ pytest.importorskip("ray")
 
 from mtkd.checkpoint import WEIGHTS_FILE  # noqa: E402
 
-from conftest import needs_fashion  # noqa: E402
+from conftest import needs_fashion, process_alive, process_tree  # noqa: E402
 
 pytestmark = [needs_fashion, pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and every process below it."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            parents.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += parents.get(pid, [])
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def test_ray_resume_passes_over_a_broken_checkpoint_and_sigint_stops_it_cleanly(tmp_path, teacher_dirs):
@@ -87,7 +62,7 @@ def test_ray_resume_passes_over_a_broken_checkpoint_and_sigint_stops_it_cleanly(
     match = re.match(r"^stopped after epoch (\d); continue with: mtkd distill --resume (\S+)$", lines[-1])
     assert match and match.group(2) == str(run_dir) and match.group(1) in ("1", "2"), lines[-1]
     deadline = time.time() + 30
-    while any(alive(pid) for pid in tree) and time.time() < deadline:
+    while any(process_alive(pid) for pid in tree) and time.time() < deadline:
         time.sleep(0.2)
-    left = [pid for pid in tree if alive(pid)]
+    left = [pid for pid in tree if process_alive(pid)]
     assert len(tree) > 3 and not left, f"Ray processes left behind: {left}"

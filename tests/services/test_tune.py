@@ -24,7 +24,7 @@ from services.cli import main
 from services.tune import load_saved_search, load_tune, parse_tune
 from services.tune.driver import run_tune
 
-from conftest import needs_fashion
+from conftest import needs_fashion, process_alive, process_tree
 
 REPO = Path(__file__).resolve().parents[2]
 # ~4 steps per epoch (128 samples, batches of 32), fp32 teachers on the CPU
@@ -255,35 +255,10 @@ def test_a_search_of_four_trials_shares_one_teacher_pool_and_one_cache(tmp_path,
     assert [epoch_results(row["path"])[0]["cache/hit_rate"] for row in later] == [1.0, 1.0]
 
 
-def _session_processes(root: int) -> list[int]:
-    """``root`` and every process below it (children of children...)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            parents.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += parents.get(pid, [])
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def kill_tree(process: subprocess.Popen) -> None:
     """SIGKILL a command and everything it started (its private Ray: GCS, raylet, workers), and wait
     until they are gone, so that nothing writes into the search after the kill."""
-    tree = _session_processes(process.pid)
+    tree = process_tree(process.pid)
     for pid in tree:  # the command first: the interruption; then what it left behind
         try:
             os.kill(pid, signal.SIGKILL)
@@ -291,9 +266,9 @@ def kill_tree(process: subprocess.Popen) -> None:
             pass
     process.wait(timeout=60)
     deadline = time.time() + 60
-    while any(_alive(pid) for pid in tree) and time.time() < deadline:
+    while any(process_alive(pid) for pid in tree) and time.time() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(pid) for pid in tree), "processes of the killed search are still running"
+    assert not any(process_alive(pid) for pid in tree), "processes of the killed search are still running"
 
 
 def checkpointed_trials(tune_dir: Path) -> dict[str, dict]:
