@@ -33,7 +33,7 @@ demo: setup
 	.venv/bin/mtkd demo
 
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 # Skips the slow end-to-end and Ray tests (gRPC servers and redis-server on loopback still run).
 test-fast: setup

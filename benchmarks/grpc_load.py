@@ -5,10 +5,13 @@ Serves one teacher with ``mtkd serve-teacher`` (a subprocess on loopback), then 
 for a fixed time each, all outputs in float32. Measures the served images/s and the p50/p99
 latency per request, and the in-process teacher's images/s on the same batches (normalising
 included, as the server does), measured before and after the served runs (the faster is kept:
-on a shared machine the load varies). Prints one JSON object.
+on a shared machine the load varies); and the bytes per image of a response on the wire (all
+outputs or logits only, float32 or float16). A segmentation teacher (``--checkpoint`` of one
+trained on canvases) serves its logit maps at its own stride; the images are its data set's test
+canvases. Prints one JSON object.
 
     .venv/bin/python benchmarks/grpc_load.py                       # ~1 min, an untrained resnet20
-    .venv/bin/python benchmarks/grpc_load.py --checkpoint DIR      # a trained teacher instead
+    .venv/bin/python benchmarks/grpc_load.py --checkpoint DIR      # a trained teacher instead (segmentation too)
     .venv/bin/python benchmarks/grpc_load.py --quick               # a few seconds (CI)
 
 Without ``--checkpoint`` an untrained zoo model is saved as a teacher checkpoint in a temporary
@@ -51,14 +54,40 @@ def untrained_teacher(folder: Path, model: str) -> Path:
     return folder
 
 
-def pixels(batch: int) -> np.ndarray:
-    """``[batch, 1, 28, 28]`` uint8 images: Fashion-MNIST test images if installed, else noise."""
-    try:
-        from mtkd.data import load_dataset
+def pixels(batch: int, meta: dict) -> np.ndarray:
+    """``[batch, C, H, W]`` uint8 test images of the teacher's data set (its checkpoint's ``meta``):
+    Fashion-MNIST, or garment canvases made with the options the teacher was trained on; noise of
+    the teacher's input shape when neither is installed."""
+    from mtkd.data import load_dataset
 
-        return load_dataset("fashion_mnist", None, "test").images[:batch].numpy()
+    dataset = meta.get("dataset") or {}
+    try:
+        if dataset.get("name") == "canvases":
+            options = {k: v for k, v in (dataset.get("options") or {}).items() if k != "num_canvases"}
+            test = load_dataset("canvases", None, "test", num_canvases=batch, **options)
+        else:
+            test = load_dataset("fashion_mnist", None, "test")
+        images = test.images[:batch].numpy()
+        if images.shape[1:] == tuple(meta["input_shape"]):
+            return images
     except (FileNotFoundError, OSError):
-        return np.random.default_rng(0).integers(0, 256, (batch, *INPUT_SHAPE), dtype=np.uint8)
+        pass
+    return np.random.default_rng(0).integers(0, 256, (batch, *meta["input_shape"]), dtype=np.uint8)
+
+
+def wire_bytes_per_image(address: str, batch: np.ndarray) -> dict:
+    """Serialised ``InferResponse`` bytes per image: all outputs and logits only, in float32 and
+    with ``half_precision`` (float16)."""
+    sizes = {}
+    with grpc.insecure_channel(address) as channel:
+        stub = teacher_pb2_grpc.TeacherServiceStub(channel)
+        for outputs, fields in (("all_outputs", []), ("logits_only", [teacher_pb2.OUTPUT_FIELD_LOGITS])):
+            for dtype, half in (("float32", False), ("float16", True)):
+                message = request(batch)
+                message.fields.extend(fields)
+                message.half_precision = half
+                sizes[f"{outputs}_{dtype}"] = round(stub.Infer(message, timeout=60).ByteSize() / len(batch), 1)
+    return sizes
 
 
 def percentiles_ms(latencies: list[float]) -> dict[str, float]:
@@ -176,13 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.checkpoint) if args.checkpoint else untrained_teacher(Path(tmp) / args.model, args.model)
-        batch = pixels(args.batch)
+        meta = json.loads((folder / "meta.json").read_text())
+        batch = pixels(args.batch, meta)
         local = in_process(folder, batch, args.seconds)
         server, address = start_server(folder, args.threads, max(args.batch, 1))
         try:
             with grpc.insecure_channel(address) as channel:
                 first = teacher_pb2_grpc.TeacherServiceStub(channel).Infer(request(batch), timeout=60)
             served_diff = float(np.abs(decode_logits(first) - local.pop("logits")).max())
+            wire = wire_bytes_per_image(address, batch)
             served = {str(n): load(address, batch, n, args.seconds) for n in args.clients}
         finally:
             server.send_signal(signal.SIGTERM)
@@ -191,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         again.pop("logits")
         local = max(local, again, key=lambda r: r["images_per_s"])
     report = {
-        "model": load_teacher(args.checkpoint).describe()["model"] if args.checkpoint else args.model,
-        "untrained": not args.checkpoint, "batch": args.batch, "input": "uint8 [B, 1, 28, 28]",
-        "outputs": "logits, embedding, feature (float32)", "torch_threads": args.threads,
+        "model": meta["model"], "untrained": not args.checkpoint, "batch": args.batch,
+        "input": f"uint8 [B, {', '.join(map(str, meta['input_shape']))}]",
+        "outputs": "logits, embedding, feature (float32)", "logits_shape_per_image": list(first.logits.shape[1:]),
+        "wire_bytes_per_image": wire, "torch_threads": args.threads,
         "seconds_per_measurement": args.seconds, "cpu_cores": os.cpu_count(),
         "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "in_process": local,

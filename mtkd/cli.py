@@ -5,7 +5,8 @@ The installed ``mtkd`` console script (``services.cli``) extends this parser wit
 
 Exit codes: 0 done; 2 a user error (:class:`mtkd.errors.UserError`: bad config, missing or corrupt
 checkpoint or data, mismatched pool), one line on stderr; 3 a numeric error
-(:class:`mtkd.errors.NumericError`: NaN/inf loss, failed agent update), one line; 130 (SIGINT) or
+(:class:`mtkd.errors.NumericError`: NaN/inf loss, failed agent update), one line; 4 a node or process
+the run needed was lost (:class:`mtkd.errors.LostError`), one line naming it and how to continue; 130 (SIGINT) or
 143 (SIGTERM): ``distill`` was stopped, and its last line says how to continue it; anything else is
 a bug and shows its traceback.
 """
@@ -73,27 +74,37 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def resume_line(run_dir: str | Path, epoch: int | None) -> str:
-    """The last line of a stopped ``distill``: the last checkpointed epoch and the command that
-    continues the run (``epoch`` None: no checkpoint yet)."""
+def resume_line(run_dir: str | Path, epoch: int | None, what: str = "stopped") -> str:
+    """The last line of a stopped ``distill``: ``what`` happened (``stopped``, ``lost the agent
+    actor``...), the last checkpointed epoch and the command that continues the run (``epoch``
+    None: no checkpoint yet)."""
     if epoch is None:
-        return f"stopped before the first checkpoint; nothing to continue in {run_dir}: run the same command again"
-    return f"stopped after epoch {epoch}; continue with: mtkd distill --resume {shlex.quote(str(run_dir))}"
+        return f"{what} before the first checkpoint; nothing to continue in {run_dir}: run the same command again"
+    return f"{what} after epoch {epoch}; continue with: mtkd distill --resume {shlex.quote(str(run_dir))}"
 
 
 @contextmanager
 def say_how_to_resume(run_dir: str | Path, last_epoch: Callable[[], int | None]) -> Iterator[None]:
-    """Give an :class:`Interrupted` that leaves this block its :func:`resume_line` (``last_epoch``:
-    the epoch of the run's newest valid checkpoint, or None)."""
+    """Give an :class:`Interrupted`, a :class:`mtkd.errors.LostError` or an unwritable run folder or
+    storage (an ``OSError`` of :data:`mtkd.errors.UNWRITABLE_ERRNOS`, raised as :class:`mtkd.errors.UnwritableError`)
+    that leaves this block its :func:`resume_line` (``last_epoch``: the epoch of the run's newest
+    valid checkpoint, or None)."""
     try:
-        yield
-    except Interrupted as stop:
+        try:
+            yield
+        except OSError as error:
+            if error.errno not in errors.UNWRITABLE_ERRNOS or isinstance(error, errors.UnwritableError):
+                raise
+            raise errors.UnwritableError(f"cannot write the run: {one_line(error)}") from error
+    except (Interrupted, errors.LostError, errors.UnwritableError) as stop:
+        what = ("stopped" if isinstance(stop, Interrupted) else f"lost {one_line(stop)}"
+                if isinstance(stop, errors.LostError) else f"{one_line(stop)}; stopped")
         try:
             epoch = last_epoch()
         except Exception:  # noqa: BLE001 - the run folder cannot be read: say so, still stop
-            stop.line = f"stopped; the checkpoints of {run_dir} could not be read"
+            stop.line = f"{what}; the checkpoints of {run_dir} could not be read"
         else:
-            stop.line = resume_line(run_dir, epoch)
+            stop.line = resume_line(run_dir, epoch, what)
         raise
 
 
@@ -127,6 +138,16 @@ def cmd_distill_inprocess(args: argparse.Namespace) -> dict:
     return summary
 
 
+def cmd_probe(args: argparse.Namespace) -> None:
+    """Print what ``teacher_precision: auto`` does for the config's teachers on this machine: per
+    teacher and setting, ms per batch and agreement with exact fp32, and the setting used."""
+    from mtkd.precision_probe import probe_pool
+
+    config = load_experiment(args)
+    _, table = probe_pool(config, fresh=args.fresh)
+    print(table)
+
+
 def build_parser(distill: Callable[[argparse.Namespace], dict] = cmd_distill_inprocess) -> argparse.ArgumentParser:
     """The parser; each sub-command sets ``func`` (returns a JSON-able summary)."""
     parser = argparse.ArgumentParser(prog="mtkd", description="Multi-teacher knowledge distillation with RL (MTKD-RL)")
@@ -152,6 +173,12 @@ def build_parser(distill: Callable[[argparse.Namespace], dict] = cmd_distill_inp
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=distill)
+
+    p = sub.add_parser("probe", help="time each teacher's settings (fp32, channels_last, bf16...) as "
+                                     "teacher_precision auto does, and print what it will use; no training")
+    add_config_args(p)
+    p.add_argument("--fresh", action="store_true", help="measure again instead of reading the cached decisions")
+    p.set_defaults(func=cmd_probe)
     return parser
 
 
@@ -162,19 +189,23 @@ def one_line(error: BaseException) -> str:
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse, run, print the JSON summary. A user error prints one line and returns 2, a numeric
-    error (NaN loss, failed agent update) one line and 3, a command stopped by SIGINT/SIGTERM its
-    resume line and 130/143; any other exception is a bug and propagates with its traceback."""
+    error (NaN loss, failed agent update) one line and 3, a lost node or process one line (what,
+    and how to continue) and 4, a command stopped by SIGINT/SIGTERM its resume line and 130/143;
+    any other exception is a bug and propagates with its traceback."""
     args = parser.parse_args(argv)
     try:
         summary = args.func(args)
     except Interrupted as stop:
         print(stop.line or f"mtkd: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr, flush=True)
         return 128 + stop.signum
+    except errors.LOST_ERRORS as exc:
+        print(f"mtkd: error: {getattr(exc, 'line', None) or 'lost ' + one_line(exc)}", file=sys.stderr, flush=True)
+        return errors.LOST_EXIT
     except errors.NUMERIC_ERRORS as exc:
         print(f"mtkd: error: {one_line(exc)} (the last good checkpoint is kept)", file=sys.stderr)
         return errors.NUMERIC_EXIT
     except errors.USER_ERRORS as exc:
-        print(f"mtkd: error: {one_line(exc)}", file=sys.stderr)
+        print(f"mtkd: error: {getattr(exc, 'line', None) or one_line(exc)}", file=sys.stderr)
         return errors.USER_EXIT
     if summary is not None:
         print(json.dumps(summary, indent=2, default=str))

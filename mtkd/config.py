@@ -34,12 +34,19 @@ SCHEDULES = ("step", "onecycle")
 SEED_LIMIT = 2**32  # seeds are in [0, 2**32), as numpy and most tools take them
 
 
+MAX_FILE_EVAL_BATCH = 32
+"""The largest ``data.eval_batch_size`` of a file-backed segmentation set (whole images are scored)."""
+
+
 @dataclass
 class DataConfig:
     name: str = "fashion_mnist"
-    """Dataset registry name (fashion_mnist, mnist, cifar10, cifar100, image_folder)."""
+    """Dataset registry name (fashion_mnist, mnist, cifar10, cifar100, image_folder; segmentation:
+    canvases, and cityscapes, ade20k, pascal_voc read from files batch by batch; detection:
+    canvases_det)."""
     root: str | None = None
-    """Folder of the dataset files; None uses the dataset's default location."""
+    """Folder of the dataset files; None uses the dataset's default location (cityscapes, ade20k,
+    pascal_voc and image_folder have none)."""
     train_subset: int | None = None
     """Train on a seeded random subset of this many samples (None: all)."""
     test_subset: int | None = None
@@ -49,7 +56,8 @@ class DataConfig:
     eval_batch_size: int = 500
     """Samples per evaluation batch."""
     augment: bool = True
-    """Random crop with padding and horizontal flip on training batches."""
+    """Random crop with padding and horizontal flip on training batches (cityscapes, ade20k,
+    pascal_voc: random scale, crop to ``options.crop_size`` and flip; off: the centre crop)."""
     crop_padding: int = 4
     """Zero padding of the random crop."""
     hflip: bool = True
@@ -60,7 +68,8 @@ class DataConfig:
     (0: a fresh augmentation every epoch, the reference recipe)."""
     options: dict = field(default_factory=dict)
     """Options of the dataset's loader, e.g. for ``canvases``: ``{size: 64, num_canvases: {train: 4000,
-    test: 1000}, cache_dir: cache/canvases}``; for ``image_folder``: ``{channels: 3, image_size: 32}``."""
+    test: 1000}, cache_dir: cache/canvases}``; for ``image_folder``: ``{channels: 3, image_size: 32}``;
+    for ``cityscapes``: ``{crop_size: [512, 1024], scale: [0.5, 2.0]}`` (docs/segmentation.md)."""
 
     def __post_init__(self) -> None:
         from mtkd.data import DATASETS
@@ -69,10 +78,23 @@ class DataConfig:
         if self.name == "image_folder" and not self.root:
             raise ConfigError("data.root: data.name=image_folder needs a folder root/<split>/<class>/*.png|jpg, got "
                               "None")
+        if self.file_backed and not self.root:
+            raise ConfigError(f"data.root: data.name={self.name} is read from its files; expected the folder of its "
+                              f"standard layout (docs/segmentation.md), got None")
+        if self.file_backed and is_number(self.augment_bank) and self.augment_bank > 0:
+            raise ConfigError(f"data.augment_bank: data.name={self.name} is read from files batch by batch and has no "
+                              f"augmentation bank; expected 0, got {self.augment_bank}")
+        if self.detection and is_number(self.augment_bank) and self.augment_bank > 0:
+            raise ConfigError(f"data.augment_bank: data.name={self.name} is a detection set, whose augmentation moves "
+                              f"boxes and has no augmentation bank; expected 0, got {self.augment_bank}")
         optional_at_least("data.train_subset", self.train_subset, 1)
         optional_at_least("data.test_subset", self.test_subset, 1)
         at_least("data.batch_size", self.batch_size, 1)
         at_least("data.eval_batch_size", self.eval_batch_size, 1)
+        if self.file_backed and is_number(self.eval_batch_size) and self.eval_batch_size > MAX_FILE_EVAL_BATCH:
+            raise ConfigError(f"data.eval_batch_size: data.name={self.name} is scored on whole images at full "
+                              f"resolution (a 1024x2048 Cityscapes image is 25 MB as float32, its logits more); "
+                              f"expected at most {MAX_FILE_EVAL_BATCH} (e.g. 4), got {self.eval_batch_size}")
         at_least("data.crop_padding", self.crop_padding, 0)
         at_least("data.augment_bank", self.augment_bank, 0)
         if not isinstance(self.options, dict):
@@ -81,6 +103,26 @@ class DataConfig:
             inspect.signature(DATASETS.get(self.name)).bind(**self.options)
         except TypeError as err:
             raise ConfigError(f"data.options: the {self.name!r} loader does not take these options ({err})") from None
+        check_options = getattr(DATASETS.get(self.name), "check_options", None)  # a loader's own check (canvases_det)
+        if check_options is not None:
+            try:
+                check_options(self.options)
+            except ValueError as err:
+                raise ConfigError(f"data.options: {err}") from None
+
+    @property
+    def detection(self) -> bool:
+        """Whether the dataset is a detection set (packed boxes as labels: ``canvases_det``)."""
+        from mtkd.data import DATASETS
+
+        return self.name in DATASETS and getattr(DATASETS.get(self.name), "task", None) == "detection"
+
+    @property
+    def file_backed(self) -> bool:
+        """Whether the dataset is read from files batch by batch (``cityscapes``, ``ade20k``, ``pascal_voc``)."""
+        from mtkd.data import DATASETS
+
+        return self.name in DATASETS and getattr(DATASETS.get(self.name), "file_backed", False)
 
 
 @dataclass
@@ -173,6 +215,14 @@ class DistillConfig:
     region_grid: int = 0
     """Segmentation: 0 weights teachers per image; G > 0 per region, each cell of a G x G grid over
     an image one decision unit (its weights applied to the cell's pixels)."""
+    units: str = "image"
+    """Detection's decision units: ``image`` weights teachers per image; ``object`` per ground-truth box,
+    each box one unit (its weights applied to the cells it owns) and each image's background one more
+    (docs/detection.md)."""
+    dense_kd: str = "kl"
+    """Segmentation's logit distillation per teacher: ``kl`` (per-pixel KL at ``temperature`` over the
+    labelled pixels) or ``cwd`` (channel-wise distillation: each class channel a distribution over an
+    image's, or a cell's, positions at ``temperature``; all pixels)."""
 
     def __post_init__(self) -> None:
         from mtkd.distill import STRATEGIES
@@ -182,6 +232,8 @@ class DistillConfig:
         at_least("distill.beta", self.beta, 0)
         at_least("distill.warmup_epochs", self.warmup_epochs, 0)
         at_least("distill.region_grid", self.region_grid, 0)
+        choice("distill.dense_kd", self.dense_kd, ("kl", "cwd"))
+        choice("distill.units", self.units, ("image", "object"))
 
 
 @dataclass
@@ -231,8 +283,17 @@ class RuntimeConfig:
     a GPU device gives each learner worker a GPU (``ScalingConfig(use_gpu=True)``)."""
     teacher_precision: str = "auto"
     """Teacher inference: fp32 (exact), bf16 or fp16 (autocast + channels_last, batch norm folded;
-    outputs handed to the losses in fp32). auto: bf16 where it is faster than fp32 (a CUDA GPU with
-    bf16, a CPU with AMX tiles), else fp32; a CPU with only AVX512-BF16 runs bf16 slower than fp32."""
+    outputs handed to the losses in fp32). auto: each teacher is timed at the start on a batch of
+    ``data.batch_size`` in every candidate setting (fp32, fp32 channels_last, and bf16 / fp16 where
+    the device runs them natively) and the fastest whose outputs agree with exact fp32 (the probe_*
+    bounds) is used; decisions are cached on disk (``probe_cache``)."""
+    probe_cache: str | None = None
+    """teacher_precision auto: the folder of cached probe decisions (None: $MTKD_PROBE_CACHE, else
+    ~/.cache/mtkd/probe)."""
+    probe_max_logit_kl: float = 1e-3
+    """teacher_precision auto: the largest mean KL(fp32 softmax || setting's softmax) allowed on the probe batch."""
+    probe_max_feature_error: float = 0.05
+    """teacher_precision auto: the largest relative error of the feature map against fp32 allowed."""
     student_precision: str = "fp32"
     """Student forward/backward: fp32 or bf16 (autocast; the losses are computed in fp32)."""
     compile_teachers: bool = False
@@ -270,6 +331,8 @@ class RuntimeConfig:
         choice("runtime.runtime", self.runtime, RUNTIMES)
         check_device(self.device, "runtime.device")
         choice("runtime.teacher_precision", self.teacher_precision, ("auto", *PRECISIONS))
+        at_least("runtime.probe_max_logit_kl", self.probe_max_logit_kl, 0)
+        at_least("runtime.probe_max_feature_error", self.probe_max_feature_error, 0)
         choice("runtime.student_precision", self.student_precision, ("fp32", "bf16"))
         several = is_number(self.num_learners) and self.num_learners > 1
         if self.sync_batchnorm is True and self.device == "cpu" and several:
@@ -330,9 +393,31 @@ class ExperimentConfig:
         if isinstance(self.output_dir, str) and not self.output_dir.strip():
             raise ConfigError("output_dir: expected a folder, got ''")
         registered("student", self.student, model_registry(self.data.name))
-        if self.distill.region_grid and isinstance(self.data, DataConfig) and dataset_task(self.data.name) != "segmentation":
+        task = dataset_task(self.data.name) if isinstance(self.data, DataConfig) else None
+        if self.distill.region_grid and task not in (None, "segmentation"):
             raise ConfigError(f"distill.region_grid={self.distill.region_grid}: per-region teacher weights need a "
-                              f"segmentation dataset; data.name={self.data.name!r} is a classification set")
+                              f"segmentation dataset; data.name={self.data.name!r} is a {task} set")
+        if self.distill.dense_kd != "kl" and task not in (None, "segmentation"):
+            raise ConfigError(f"distill.dense_kd={self.distill.dense_kd!r}: channel-wise distillation is for "
+                              f"segmentation logit maps; data.name={self.data.name!r} is a {task} set (expected kl)")
+        if self.distill.units != "image" and task not in (None, "detection"):
+            raise ConfigError(f"distill.units={self.distill.units!r}: per-object teacher weights need a detection "
+                              f"dataset; data.name={self.data.name!r} is a {task} set (expected image)")
+        if task == "detection" and isinstance(self.runtime, RuntimeConfig) and self.runtime.runtime != "inprocess":
+            raise ConfigError(f"runtime.runtime: data.name={self.data.name} is a detection set, which trains in process "
+                              f"for now (its Ray path is not yet checked against it); expected runtime.runtime=inprocess"
+                              f" (or --runtime inprocess), got {self.runtime.runtime!r}")
+        if task == "detection" and isinstance(self.cache, CacheConfig) and self.cache.url:
+            shown = re.sub(r"//[^@/]*@", "//***@", str(self.cache.url))  # never echo a password
+            raise ConfigError(f"cache.url: data.name={self.data.name} is a detection set; the cache of teacher outputs "
+                              f"does not hold detector outputs yet (K + 4 logit channels; its keys cannot name an "
+                              f"augmentation that moves boxes); expected cache.url=null, got {shown!r}")
+        if (isinstance(self.data, DataConfig) and isinstance(self.cache, CacheConfig) and self.cache.url
+                and self.data.file_backed and self.data.augment is True):
+            shown = re.sub(r"//[^@/]*@", "//***@", str(self.cache.url))  # never echo a password
+            raise ConfigError(f"cache.url: data.name={self.data.name} is augmented by random scale and crop, which a "
+                              f"cache key cannot name (teacher outputs never repeat); expected no cache or "
+                              f"data.augment=false, got cache.url={shown!r}")
         for i, teacher in enumerate(self.teachers):
             if isinstance(teacher, TeacherSpec):
                 teacher.check(f"teachers[{i}]")

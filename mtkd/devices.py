@@ -3,8 +3,10 @@ autocast context of a precision.
 
 Precisions are named ``fp32`` (exact), ``bf16`` and ``fp16``. Reduced precision means
 ``torch.autocast`` on the device plus the channels_last memory format, which is what makes
-convolutions fast on CPUs with AMX-BF16 and on tensor-core GPUs (not on CPUs with only AVX512-BF16:
-see :func:`runs_faster`, which ``auto`` follows). Losses are always computed in fp32.
+convolutions fast on CPUs with AMX-BF16 and on tensor-core GPUs, and sometimes on CPUs with only
+AVX512-BF16 (no flag predicts it: a teacher's ``auto`` is decided by measuring it,
+:mod:`mtkd.precision_probe`; :func:`runs_faster` is the flag-based guess). Losses are always computed
+in fp32.
 """
 from __future__ import annotations
 

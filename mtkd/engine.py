@@ -128,15 +128,18 @@ ONECYCLE_WARMUP = 0.3  # fraction of the steps spent rising to the peak
 ONECYCLE_START, ONECYCLE_END = 1 / 25, 1e-4  # of the peak lr
 
 
-def agent_buffer_bytes(config: ExperimentConfig, state_width: int, num_teachers: int, batches_per_epoch: int) -> int:
+def agent_buffer_bytes(config: ExperimentConfig, state_width: int, num_teachers: int, batches_per_epoch: int,
+                       units_per_image: int | None = None) -> int:
     """The most bytes the agent's buffer holds: ``agent_step`` batches (at most an epoch's, as it
     also updates at every epoch end) of float32 states, rewards and, for reinforce, acted weights;
-    0 for a rule without one (``meta`` learns inside the step)."""
+    0 for a rule without one (``meta`` learns inside the step). ``units_per_image``: what the task
+    fixes (detection's objects + background), else from ``distill.region_grid``."""
     if not needs_agent_actor(config):
         return 0
     per_unit = state_width + 1 + (2 * num_teachers if config.agent.rule == "reinforce" else 0)
     batches = min(config.agent.agent_step, max(1, batches_per_epoch))
-    units = config.data.batch_size * max(1, config.distill.region_grid) ** 2  # per-region: G*G units per image
+    per_image = units_per_image or max(1, config.distill.region_grid) ** 2  # per-region: G*G units per image
+    units = config.data.batch_size * per_image
     return batches * units * per_unit * 4
 
 
@@ -147,7 +150,8 @@ def check_agent_buffer(config: ExperimentConfig, descriptions: list[dict], num_c
     if not needs_agent_actor(config):  # only the reference and reinforce rules store experience
         return
     width = state_dim(*(task or ClassificationTask()).state_layout(descriptions, num_classes))
-    need = agent_buffer_bytes(config, width, len(descriptions), batches_per_epoch)
+    need = agent_buffer_bytes(config, width, len(descriptions), batches_per_epoch,
+                              task.units_per_image if task is not None else None)
     limit = config.runtime.agent_buffer_mb * 2**20
     if need > limit:
         raise ConfigError(
@@ -260,16 +264,18 @@ class Distiller:
         self.precision = resolve_precision(config.runtime.student_precision, self.device)
         self.descriptions = pool.describe()
         check_pool(self.descriptions, num_classes, input_shape)
+        self.task.check_teachers(self.descriptions)
         self.teacher_names = [d["name"] for d in self.descriptions]
         self.module = build_trainable(config, num_classes, input_shape, self.descriptions)
         self.module.to(self.device, memory_format=memory_format(self.precision))
         self.forward_module = wrap_module(self.module) if wrap_module is not None else self.module
         self.optimizer = make_optimizer(self.module, config.optim)
-        self.strategy = build_strategy(config, self.descriptions, num_classes, agent, self.device, self.task)
+        unit_classes = self.task.unit_classes(num_classes)  # the labels units take (detection: + background)
+        self.strategy = build_strategy(config, self.descriptions, unit_classes, agent, self.device, self.task)
         if self.strategy.uses_teachers and not self.descriptions:
             raise PoolMismatchError(f"strategy {config.distill.strategy!r} needs at least one teacher; the pool is empty")
         self.agree = agree
-        self.num_classes = num_classes
+        self.num_classes = unit_classes
         self._class_totals: torch.Tensor | None = None  # [C, 2M + 1]: per class, summed wL, wF and a count
         self.epoch = 0  # the next epoch to train
         self.global_step = 0

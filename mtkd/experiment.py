@@ -21,12 +21,14 @@ from mtkd.models import create_model
 from mtkd.teachers import save_teacher
 
 CHECKPOINTS = "checkpoints"
+RAY_RUN_FILE = "ray_run.json"  # the Ray runtime's record of its Ray Train run: {"name", "storage_path"}
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 def load_data(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset]:
-    """Train and test splits of ``cfg``, subsets taken with ``seed`` when configured."""
+    """Train and test splits of ``cfg``, subsets taken with ``seed`` when configured: in memory, or
+    for ``cityscapes``/``ade20k``/``pascal_voc`` file lists read batch by batch (``SegmentationFileSet``)."""
     train, test = train_test(cfg.name, cfg.root, **cfg.options)
     if cfg.train_subset:
         train = subset(train, min(cfg.train_subset, len(train)), seed)
@@ -36,13 +38,16 @@ def load_data(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset]:
 
 
 def train_loader(dataset: ImageDataset, cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> BatchLoader:
-    """Shuffled, augmented training batches (last partial batch dropped: BN needs > 1 sample)."""
+    """Shuffled, augmented training batches (last partial batch dropped: BN needs > 1 sample); a
+    file-backed segmentation split gives random scale/crop/flip crops of ``options.crop_size``."""
     return BatchLoader(dataset, cfg.batch_size, shuffle=True, augment=cfg.augment, crop_padding=cfg.crop_padding,
                        hflip=cfg.hflip, seed=seed, drop_last=True, rank=rank, world_size=world_size,
                        augment_bank=cfg.augment_bank)
 
 
 def eval_loader(dataset: ImageDataset, cfg: DataConfig) -> BatchLoader:
+    """The whole split in order, unaugmented, in batches of ``eval_batch_size`` (a file-backed
+    segmentation split: whole images at full resolution, padded to the batch's largest)."""
     return BatchLoader(dataset, cfg.eval_batch_size, shuffle=False, augment=False)
 
 
@@ -154,10 +159,31 @@ class RunDirectory:
         complete = self.complete_checkpoints()
         return complete[-1] if complete else None
 
+    def recorded_ray_run(self) -> Path | None:
+        """The folder of the Ray Train run that :data:`RAY_RUN_FILE` records (``storage_path/name``),
+        when its storage is a local path; None without a readable record or for a remote URI."""
+        try:
+            record = read_json(self.path / RAY_RUN_FILE)
+            name, storage = str(record["name"]), str(record["storage_path"])
+        except (CheckpointError, KeyError, TypeError):
+            return None
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            return None
+        if storage.startswith("file://"):
+            storage = storage[len("file://"):]
+        elif "://" in storage:
+            return None
+        return Path(storage) / name
+
     def held_checkpoints(self) -> list[Path]:
-        """Every checkpoint of either runtime under this folder: the in-process runtime's complete
-        ``checkpoints/epoch_*`` and Ray Train's ``ray/<run>/checkpoint_*`` (the default storage)."""
-        return self.complete_checkpoints() + sorted(f for f in (self.path / "ray").glob("*/checkpoint_*") if f.is_dir())
+        """Every checkpoint of either runtime this run folder holds: the in-process runtime's complete
+        ``checkpoints/epoch_*``, Ray Train's ``ray/<run>/checkpoint_*`` (the default storage) and those
+        of the Ray Train run recorded in :data:`RAY_RUN_FILE`, wherever its local storage is."""
+        ray_runs = {f for f in (self.path / "ray").glob("*/checkpoint_*") if f.is_dir()}
+        recorded = self.recorded_ray_run()
+        if recorded is not None:
+            ray_runs |= {f for f in recorded.glob("checkpoint_*") if f.is_dir()}
+        return self.complete_checkpoints() + sorted(ray_runs, key=lambda f: (f.name, str(f)))
 
     def newest_valid_checkpoint(self, warn: Callable[[str], None] | None = None) -> tuple[Path, dict, dict] | None:
         """The newest checkpoint whose files match their digests and load: ``(folder, engine state,

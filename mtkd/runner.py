@@ -15,10 +15,10 @@ from tqdm import tqdm
 from mtkd.config import ConfigError, ExperimentConfig, save_config
 from mtkd.devices import resolve_device
 from mtkd.errors import RunExistsError
-from mtkd.experiment import RunDirectory, export_student
+from mtkd.experiment import RAY_RUN_FILE, RunDirectory, export_student
 from mtkd.plot import plot_run
 from mtkd.session import Session
-from mtkd.teachers import LocalTeacherPool, load_teacher, teacher_manifest
+from mtkd.teachers import LocalTeacherPool, load_teacher, probe_options, teacher_manifest
 
 KEEP_CHECKPOINTS = 2
 
@@ -42,7 +42,8 @@ def load_local_pool(config: ExperimentConfig) -> LocalTeacherPool:
             raise ConfigError(f"teacher {spec.name or spec.address!r} has no checkpoint; teachers served over gRPC "
                              f"(address) need the Ray runtime")
         teachers.append(load_teacher(spec.checkpoint, spec.name or None, device=resolve_device(rt.device),
-                                     precision=rt.teacher_precision, compile=rt.compile_teachers))
+                                     precision=rt.teacher_precision, compile=rt.compile_teachers,
+                                     **probe_options(config)))
     return LocalTeacherPool(teachers)
 
 
@@ -93,12 +94,18 @@ def finish(config: ExperimentConfig, run: RunDirectory, train_set, descriptions:
             "dataset": {"name": train_set.name, "digest": train_set.digest, "mean": list(train_set.mean),
                         "std": list(train_set.std), "options": dict(config.data.options)},
             "test_accuracy": history[-1]["test/acc"] if history else None,
-            "distilled_with": config.distill.strategy, "teachers": teacher_manifest(descriptions)}
+            "distilled_with": config.distill.strategy, "teachers": teacher_manifest(descriptions),
+            # how each teacher computed, and for teacher_precision auto the probe's timings and agreement
+            "teacher_settings": [{k: d.get(k) for k in ("name", "precision", "numerics", "probe")} for d in descriptions]}
     summary = {"run_dir": str(run.path), "epochs": epochs, "test_acc": meta["test_accuracy"],
                "plot": str(run.plot_path), "student": str(run.path / "student")}
     if history and "test/miou" in history[-1]:  # segmentation
         meta["task"] = "segmentation"
         meta["test_miou"] = summary["test_miou"] = history[-1]["test/miou"]
+    if history and "test/map" in history[-1]:  # detection
+        meta["task"] = "detection"
+        meta["test_map"] = summary["test_map"] = history[-1]["test/map"]
+        meta["test_map50"] = summary["test_map50"] = history[-1]["test/map50"]
     export_student(run.path / "student", module_state, meta)
     return summary
 
@@ -106,6 +113,9 @@ def finish(config: ExperimentConfig, run: RunDirectory, train_set, descriptions:
 def prepare_run_dir(run: RunDirectory, resume: bool, overwrite: bool) -> None:
     """A fresh run refuses a folder holding checkpoints of either runtime unless told to overwrite (no
     data is lost silently: re-running the command of a crashed run must not discard its progress).
+    The checkpoints held include those of the recorded Ray Train run in an external local
+    ``runtime.storage_path`` (:meth:`RunDirectory.held_checkpoints`); ``overwrite`` deletes that
+    run's folder there too, and nothing else of the storage.
 
     Raises:
         RunExistsError: a fresh run into a folder holding checkpoints, without ``overwrite``.
@@ -114,12 +124,18 @@ def prepare_run_dir(run: RunDirectory, resume: bool, overwrite: bool) -> None:
         return
     held = run.held_checkpoints()
     if held and not overwrite:
-        raise RunExistsError(f"run folder {str(run.path)!r} already has checkpoints ({held[-1].relative_to(run.path)}); "
+        shown = held[-1].relative_to(run.path) if held[-1].is_relative_to(run.path) else held[-1]
+        raise RunExistsError(f"run folder {str(run.path)!r} already has checkpoints ({shown}); "
                              f"pass --resume to continue it, --overwrite to discard them and start again, or "
                              f"choose another output_dir")
-    for stale in ("checkpoints", "ray"):  # an earlier run's checkpoints must never be picked up
-        if (run.path / stale).exists():
-            shutil.rmtree(run.path / stale)
+    stale = [run.path / "checkpoints", run.path / "ray"]  # an earlier run's checkpoints must never be picked up
+    recorded = run.recorded_ray_run()
+    if overwrite and recorded is not None:  # its Ray Train run in an external storage_path: only with --overwrite
+        stale.append(recorded)
+    for folder in stale:
+        if folder.exists():
+            shutil.rmtree(folder)
+    (run.path / RAY_RUN_FILE).unlink(missing_ok=True)
     run.create()
     for path in (run.metrics_path, run.steps_path):
         path.unlink(missing_ok=True)

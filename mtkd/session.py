@@ -118,7 +118,7 @@ class Session:
         if store is not None:
             pool.use_cache(store, CacheContext(dataset_cache_id(train_set), config.data.crop_padding,
                                                config.cache.value_dtype))
-        task = task_for_dataset(train_set, config.distill.region_grid)
+        task = task_for_dataset(train_set, config.distill.region_grid, config.distill.dense_kd, config.distill.units)
         distiller = Distiller(config, pool, train_set.num_classes, train_set.image_shape, agent=agent, device=device,
                               wrap_module=wrap_module, agree=agree, task=task)
         check_agent_buffer(config, distiller.descriptions, train_set.num_classes,

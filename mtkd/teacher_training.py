@@ -56,13 +56,16 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True, overwrite: boo
     }
     if "test/miou" in history[-1]:
         meta["test_miou"] = history[-1]["test/miou"]
+    if "test/map" in history[-1]:  # detection
+        meta["test_map"], meta["test_map50"] = history[-1]["test/map"], history[-1]["test/map50"]
     return save_teacher(cfg.output_dir, distiller.module.student, meta)
 
 
 def evaluate_checkpoint(folder: str | Path, data_name: str | None = None, root: str | None = None,
                         batch_size: int = 500, device: str = "auto") -> dict:
     """Top-1 accuracy (fp32, on ``device``) of a checkpoint folder on the test split of its dataset (or
-    ``data_name``); for a segmentation checkpoint pixel accuracy and mIoU (``test_miou``)."""
+    ``data_name``); for a segmentation checkpoint pixel accuracy and mIoU (``test_miou``); for a detector
+    COCO mAP (``test_map``, also ``test_accuracy``) and mAP@0.5 (``test_map50``)."""
     model, meta = load_model_checkpoint(folder)
     device = resolve_device(device)
     model.to(device)
@@ -78,4 +81,6 @@ def evaluate_checkpoint(folder: str | Path, data_name: str | None = None, root: 
               "samples": len(test_set), "test_accuracy": scores["test/acc"], "test_loss": scores["test/loss"]}
     if "test/miou" in scores:
         result["test_miou"] = scores["test/miou"]
+    if "test/map" in scores:  # detection
+        result["test_map"], result["test_map50"] = scores["test/map"], scores["test/map50"]
     return result

@@ -9,6 +9,7 @@ A teacher checkpoint is a folder written by ``mtkd train-teacher``::
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -21,6 +22,7 @@ from mtkd.devices import DTYPES, autocast, numerics_tag, resolve_device, resolve
 from mtkd.models import Outputs, create_model
 from mtkd.models.fold import fold_batchnorm as fold_batchnorm_into_convs
 from mtkd.models.fold import store_low_precision_weights
+from mtkd.precision_probe import Bounds, ProbeCache, choose_setting
 
 if TYPE_CHECKING:
     from mtkd.data import Batch
@@ -78,8 +80,10 @@ class Teacher:
         meta: its checkpoint metadata (needs ``input_shape``, ``num_classes``, ``weights_digest``).
         name: a short name (default: ``meta['model']``).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
-        precision: ``fp32`` (exact), ``bf16``, ``fp16`` or ``auto`` (see :func:`mtkd.devices.resolve_precision`):
-            reduced precision runs under autocast with channels_last weights and inputs.
+        precision: ``fp32`` (exact), ``bf16``, ``fp16`` (reduced precision runs under autocast with
+            channels_last weights and inputs), or ``auto``: the setting (precision, channels_last,
+            batch-norm folding) measured fastest among those whose outputs agree with exact fp32
+            (:mod:`mtkd.precision_probe`; the decision is cached on disk and kept in ``probe``).
         compile: wrap the model in ``torch.compile`` with inductor's ``freezing`` (the frozen weights
             become constants: batch-norm folded, weights pre-packed for oneDNN). It compiles once per
             batch size (45-136 s for four CIFAR teachers on one busy CPU core) and changes the last
@@ -90,12 +94,25 @@ class Teacher:
         fold_batchnorm: fold batch-norm into the preceding convolution; None (default): when the
             precision is reduced (in fp32 folding would change the last bits of the outputs, by
             about 1e-6 relative).
+        probe_batch: ``auto``: the batch size the probe times (the batch the teacher will serve).
+        probe_cache: ``auto``: the folder of cached decisions (default
+            :func:`mtkd.precision_probe.default_cache_dir`).
+        probe_bounds: ``auto``: how close to exact fp32 a setting's outputs must be (default :class:`Bounds`).
     """
 
     def __init__(self, model: nn.Module, meta: dict, name: str | None = None, *, device: str | torch.device = "cpu",
                  precision: str = "fp32", compile: bool = False, channels_last: bool | None = None,
-                 fold_batchnorm: bool | None = None):
+                 fold_batchnorm: bool | None = None, probe_batch: int = 64, probe_cache: str | None = None,
+                 probe_bounds: Bounds | None = None):
         self.device = resolve_device(device)
+        self.probe = None  # the probe's report (a dict) when precision was auto
+        if precision == "auto":
+            report = choose_setting(model, meta, self.device, probe_batch, cache=ProbeCache(probe_cache),
+                                    bounds=probe_bounds or Bounds())
+            self.probe = report.to_dict()
+            print(f"[mtkd] {report.line(name or meta['model'])}", file=sys.stderr, flush=True)
+            chosen = report.setting()
+            precision, channels_last, fold_batchnorm = chosen.precision, chosen.channels_last, chosen.fold_batchnorm
         self.precision = resolve_precision(precision, self.device)
         reduced = self.precision != "fp32"
         self.channels_last = reduced if channels_last is None else bool(channels_last)
@@ -160,6 +177,7 @@ class Teacher:
             "std": tuple(dataset["std"]) if dataset.get("std") else None,
             "precision": self.precision,
             "numerics": numerics_tag(self.device, self.precision, self._variant),
+            "probe": self.probe,
         }
 
 
@@ -168,6 +186,14 @@ def load_teacher(folder: str | Path, name: str | None = None, **options) -> Teac
     compile, channels_last, fold_batchnorm; see :class:`Teacher`)."""
     model, meta = load_model_checkpoint(folder)
     return Teacher(model, meta, name, **options)
+
+
+def probe_options(config) -> dict:
+    """:func:`load_teacher`'s keywords for ``teacher_precision: auto`` from an ``ExperimentConfig``: the
+    batch the teachers serve, the cache of decisions and the agreement bounds."""
+    rt = config.runtime
+    return {"probe_batch": int(config.data.batch_size), "probe_cache": rt.probe_cache,
+            "probe_bounds": Bounds(max_logit_kl=rt.probe_max_logit_kl, max_feature_rel_error=rt.probe_max_feature_error)}
 
 
 def teacher_manifest(descriptions: list[dict]) -> list[dict]:

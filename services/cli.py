@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mtkd import cli as core
 from mtkd.config import ConfigError
+from services.reaper import reaping
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -29,7 +30,9 @@ def cmd_distill(args: argparse.Namespace) -> dict:
     options = dict(resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch, progress=not args.quiet,
                    overwrite=args.overwrite)
     run_dir = config.output_dir  # as given: the resume line repeats it
-    with core.stop_on_signals():  # SIGINT/SIGTERM: stop, then say how to continue (exit 130/143)
+    # reaping: even killed (SIGKILL), the command leaves no process behind (a private Ray's agents, Redis);
+    # SIGINT/SIGTERM: stop, then say how to continue (exit 130/143)
+    with reaping(), core.stop_on_signals():
         if config.runtime.runtime == "ray":
             from services.learner.driver import run_ray, resumable_epoch
 

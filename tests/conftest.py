@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ from mtkd.data import DATASETS  # noqa: F401  (registers datasets)
 # of its time waiting. Set before any Ray starts; TorchTrainer passes it on to its controller, and the
 # `mtkd` subprocesses of the tests inherit it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# teacher_precision auto caches its probe decisions on disk: the tests keep theirs out of ~/.cache
+# (a folder of this test session, inherited by the `mtkd` subprocesses and Ray workers)
+os.environ.setdefault("MTKD_PROBE_CACHE", tempfile.mkdtemp(prefix="mtkd-probe-cache-"))
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="apt-get install dataset-fashion-mnist (make test does)")
@@ -128,3 +132,39 @@ def process_alive(pid: int) -> bool:
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+@pytest.fixture(scope="session")
+def seg_teachers(tmp_path_factory):
+    """Two untrained segmentation teachers of different architectures and strides (the engine's
+    arithmetic does not need them trained)."""
+    import torch
+
+    from mtkd.models import create_model
+    from mtkd.teachers import save_teacher
+
+    if not FASHION.exists():
+        pytest.skip("Fashion-MNIST is not installed")
+    root = tmp_path_factory.mktemp("seg-teachers")
+    folders = []
+    for i, name in enumerate(["fcn_resnet8", "lraspp_mobilenetv2"]):
+        torch.manual_seed(i)
+        model = create_model(name, num_classes=11, in_channels=1)
+        meta = {"model": name, "num_classes": 11, "in_channels": 1, "input_shape": [1, 32, 32], "task": "segmentation",
+                "dataset": {"name": "canvases", "mean": [0.2], "std": [0.25]}}
+        save_teacher(root / name, model, meta)
+        folders.append(str(root / name))
+    return folders
+
+
+def seg_experiment(output_dir, teachers, overrides=(), num_train: int = 24) -> ExperimentConfig:
+    """A few-steps-per-epoch segmentation experiment on ``num_train`` 32x32 canvases (16 test) with
+    the given teacher checkpoints."""
+    config = load_config(ExperimentConfig, None, [
+        f"output_dir={output_dir}", "student=fcn_resnet8", "data.name=canvases", "data.batch_size=8",
+        "data.crop_padding=4", "optim.epochs=2", "optim.milestones=[1]", "distill.warmup_epochs=1",
+        "distill.beta=0.5", "runtime.runtime=inprocess", "runtime.device=cpu", "runtime.threads=1",
+        "agent.agent_step=2", *overrides])
+    config.data.options = {"num_canvases": {"train": num_train, "test": 16}, "size": 32}
+    config.teachers = [TeacherSpec(checkpoint=d) for d in teachers]
+    return config

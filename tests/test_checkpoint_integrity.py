@@ -167,3 +167,27 @@ def test_a_truncated_newest_checkpoint_resumes_from_the_one_before_bit_identical
     b = experiment.load_weights(tmp_path / "part" / "student" / WEIGHTS_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [f.name for f in run.complete_checkpoints()] == ["epoch_0002", "epoch_0003"]  # epoch 2 rewritten whole
+
+
+def test_a_fresh_run_sees_the_recorded_ray_train_run_in_an_external_storage_and_deletes_it_only_with_overwrite(
+        tmp_path):
+    from mtkd.checkpoint import write_json
+    from mtkd.errors import RunExistsError
+    from mtkd.experiment import RAY_RUN_FILE
+    from mtkd.runner import prepare_run_dir
+
+    storage, run = tmp_path / "storage", RunDirectory(tmp_path / "run")
+    recorded, other = storage / "learner-1", storage / "learner-2"  # another run's, in the same storage
+    for folder in (recorded, other):
+        (folder / "checkpoint_2026-01-01_00-00-01.000000").mkdir(parents=True)
+    run.create()
+    write_json(run.path / RAY_RUN_FILE, {"name": "learner-1", "storage_path": str(storage)})
+    assert run.held_checkpoints() == [recorded / "checkpoint_2026-01-01_00-00-01.000000"]
+    with pytest.raises(RunExistsError) as refused:
+        prepare_run_dir(run, resume=False, overwrite=False)
+    assert "--resume" in str(refused.value) and "--overwrite" in str(refused.value)
+    assert str(recorded / "checkpoint_2026-01-01_00-00-01.000000") in str(refused.value) and recorded.is_dir()
+    prepare_run_dir(run, resume=False, overwrite=True)
+    assert not recorded.exists() and other.is_dir() and not (run.path / RAY_RUN_FILE).exists()
+    write_json(run.path / RAY_RUN_FILE, {"name": "../learner-2", "storage_path": str(storage)})  # never outside
+    assert run.held_checkpoints() == [] and run.recorded_ray_run() is None

@@ -42,8 +42,10 @@ EXPERIMENT_CASES = [
     (["agent.mixing=dinamic"], f"agent.mixing: expected one of {valid(MIXINGS)}, got 'dinamic'"),
     (["student=resnet_8"], "student: unknown model 'resnet_8'; did you mean 'resnet8'"),
     (["student=resnet_8"], "(valid: mobilenetv2, "),
-    (["data.name=cifar"], "data.name: unknown dataset 'cifar'; did you mean 'cifar10', 'cifar100'? (valid: canvases, "
-                          "cifar10, cifar100, fashion_mnist, image_folder, mnist)"),
+    (["data.name=cifar"], "data.name: unknown dataset 'cifar'; did you mean 'cifar10', 'cifar100'? (valid: ade20k, "
+                          "canvases, canvases_det, cifar10, cifar100, cityscapes, fashion_mnist, image_folder, mnist, "
+                          "pascal_voc)"),
+    (["data.name=cityscapes", "data.root=/data/cityscapes"], "data.eval_batch_size: data.name=cityscapes is scored on"),
     (["data.options={size: 32}"], "data.options: the 'fashion_mnist' loader does not take these options"),
     (["data.name=canvases"], "student: unknown segmentation model 'resnet8'; did you mean 'fcn_resnet8'"),
     (["distill.region_grid=4"], "distill.region_grid=4: per-region teacher weights need a segmentation dataset"),

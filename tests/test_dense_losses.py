@@ -17,6 +17,7 @@ from mtkd.dense_metrics import SegmentationMeter
 from mtkd.distill.dense_losses import (
     CellValues,
     cell_mean,
+    cwd_cells,
     cwd_loss,
     dense_feature_mse,
     dense_feature_mse_cells,
@@ -333,6 +334,25 @@ def test_cwd_literal_and_against_channel_loop():
                                np_cwd(zs, np_bilinear(zt_coarse, (5, 6)), 2.0), rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError):
         cwd_loss(torch.zeros(2, 3, 4, 4), torch.zeros(2, 5, 4, 4), 1.0)
+
+
+def test_cwd_per_cell_against_a_loop_over_cell_slices():
+    """Per cell: numpy CWD of the cell's slice (rows floor(g*h/G)..), the cell's position count; one cell
+    is the whole-map CWD; a grid finer than the map is refused."""
+    rng = np.random.default_rng(8)
+    zs, zt = rng.normal(size=(2, 3, 5, 7)) * 2, rng.normal(size=(2, 3, 5, 7)) * 2
+    cells = cwd_cells(t64(zs), t64(zt), 2.0, 2)
+    assert cells.value.shape == (2, 2, 2)
+    for gy in range(2):
+        for gx in range(2):
+            rows, cols = slice(gy * 5 // 2, (gy + 1) * 5 // 2), slice(gx * 7 // 2, (gx + 1) * 7 // 2)
+            want = np_cwd(zs[:, :, rows, cols], zt[:, :, rows, cols], 2.0)
+            np.testing.assert_allclose(cells.value[:, gy, gx].numpy(), want, rtol=1e-10, atol=1e-12)
+            assert cells.count[0, gy, gx] == (rows.stop - rows.start) * (cols.stop - cols.start)
+    np.testing.assert_allclose(cwd_cells(t64(zs), t64(zt), 2.0, 1).value[:, 0, 0].numpy(), np_cwd(zs, zt, 2.0),
+                               rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="region_grid"):
+        cwd_cells(t64(zs), t64(zt), 1.0, 6)
 
 
 # ----------------------------------------------------------------------------- feature MSE

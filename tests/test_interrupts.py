@@ -63,6 +63,32 @@ def test_sigterm_prints_the_resume_line_last_and_exits_143(tmp_path, capsys):
     assert "stopped before the first checkpoint" in capsys.readouterr().err.splitlines()[-1]
 
 
+def test_a_lost_node_or_an_unwritable_run_folder_ends_in_one_line_with_the_resume_command(tmp_path, capsys):
+    from mtkd.errors import LOST_EXIT, USER_EXIT, LostError
+
+    def lost(args):
+        with core.stop_on_signals(), core.say_how_to_resume(tmp_path, lambda: 3):
+            raise LostError("a Ray node (4f2a9c01bd77)")
+
+    assert core.run(core.build_parser(distill=lost), ["distill"]) == LOST_EXIT == 4
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"mtkd: error: lost a Ray node (4f2a9c01bd77) after epoch 3; continue with: mtkd distill "
+                   f"--resume {tmp_path}"]
+
+    def unwritable(args):
+        with core.stop_on_signals(), core.say_how_to_resume(tmp_path, lambda: 1):
+            (tmp_path / "metrics.jsonl").write_text("")
+            os.chmod(tmp_path / "metrics.jsonl", 0o444)
+            if os.access(tmp_path / "metrics.jsonl", os.W_OK):  # root: the kernel lets it write anyway
+                raise PermissionError(13, "Permission denied", str(tmp_path / "metrics.jsonl"))
+            open(tmp_path / "metrics.jsonl", "a").close()
+
+    assert core.run(core.build_parser(distill=unwritable), ["distill"]) == USER_EXIT
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("mtkd: error: cannot write the run: [Errno 13] Permission denied")
+    assert err[0].endswith(f"; stopped after epoch 1; continue with: mtkd distill --resume {tmp_path}")
+
+
 def mtkd(*args: str) -> list[str]:
     return [sys.executable, "-m", "services.cli", *args]
 

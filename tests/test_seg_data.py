@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -439,3 +440,191 @@ def test_seg_collate_and_bad_configs():
     with pytest.raises(DataError, match="do not match"):
         seg_augment_batch(torch.rand(2, 3, 8, 8), torch.zeros(2, 8, 9, dtype=torch.int64), torch.Generator(),
                           SegAugmentConfig())  # fmt: skip
+
+
+# ============================================================================ file-backed sets in training
+LAYOUTS = ("cityscapes", "ade20k", "pascal_voc")
+TRAIN_SIZES = [(40, 80), (48, 72), (40, 80), (36, 90)]  # varied, as in ADE20K and VOC
+VAL_SIZES = [(40, 80), (30, 60)]
+
+
+def write_split(kind: str, root: Path, split: str, sizes) -> list[tuple[Path, Path, np.ndarray]]:
+    """Image/mask pairs of the given ``(h, w)`` sizes in ``kind``'s layout under ``root``; returns
+    ``(image, mask, raw mask values)`` per pair, in the reader's order."""
+    made = []
+    for j, (h, w) in enumerate(sizes):
+        if kind == "cityscapes":
+            stem = f"aachen_{j:06d}_000019"
+            image = root / "leftImg8bit" / split / "aachen" / f"{stem}_leftImg8bit.png"
+            mask = root / "gtFine" / split / "aachen" / f"{stem}_gtFine_labelIds.png"
+            raw = CITY_RAW[RNG.integers(0, len(CITY_RAW), (h, w))]
+        elif kind == "ade20k":
+            folder = {"train": "training", "val": "validation"}[split]
+            image = root / "ADEChallengeData2016" / "images" / folder / f"ADE_{split}_{j:08d}.jpg"
+            mask = root / "ADEChallengeData2016" / "annotations" / folder / f"ADE_{split}_{j:08d}.png"
+            raw = RNG.integers(0, 151, (h, w))
+        else:
+            image = root / "VOC2012" / "JPEGImages" / f"{split}_{j:06d}.jpg"
+            mask = root / "VOC2012" / "SegmentationClass" / f"{split}_{j:06d}.png"
+            raw = RNG.choice(np.array([0, 1, 15, 20, 255]), (h, w))
+        save_rgb(image, h, w)
+        save_mask(mask, raw, palette=kind == "pascal_voc")
+        made.append((image, mask, raw))
+    if kind == "pascal_voc":
+        lists = root / "VOC2012" / "ImageSets" / "Segmentation"
+        lists.mkdir(parents=True, exist_ok=True)
+        (lists / f"{split}.txt").write_text("".join(f"{m[0].stem}\n" for m in made))
+    return made
+
+
+def write_layout(kind: str, root: Path) -> tuple[list, list]:
+    return write_split(kind, root, "train", TRAIN_SIZES), write_split(kind, root, "val", VAL_SIZES)
+
+
+def file_data(kind: str, root: Path, *more: str) -> list[str]:
+    """Overrides of a tiny run on ``root``: batches of 2 crops of 32x64 (2 steps an epoch)."""
+    return [f"data.name={kind}", f"data.root={root}", "data.batch_size=2", "data.eval_batch_size=2",
+            "data.options={crop_size: [32, 64], read_threads: 2}", "optim.epochs=1", *more]
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_file_backed_sets_train_a_teacher_distil_and_evaluate(kind, tmp_path):
+    """`mtkd train-teacher`, `mtkd distill` (in process) and `mtkd eval` on each layout's files."""
+    from mtkd.config import ExperimentConfig, TeacherSpec, TeacherTrainConfig, load_config
+    from mtkd.runner import run_inprocess
+    from mtkd.teacher_training import evaluate_checkpoint, train_teacher
+
+    root = tmp_path / "data"
+    write_layout(kind, root)
+    teacher = load_config(TeacherTrainConfig, None, ["model=fcn_resnet8", f"output_dir={tmp_path / 'teacher'}",
+                                                     "device=cpu", *file_data(kind, root)])
+    meta = train_teacher(teacher, progress=False)
+    classes = {"cityscapes": 19, "ade20k": 150, "pascal_voc": 21}[kind]
+    assert meta["task"] == "segmentation" and meta["input_shape"] == [3, 32, 64] and meta["num_classes"] == classes
+    config = load_config(ExperimentConfig, None, [
+        f"output_dir={tmp_path / 'run'}", "student=fcn_resnet8", "distill.strategy=mtkd_rl", "distill.warmup_epochs=0",
+        "distill.beta=0.1", "agent.agent_step=1", "runtime.runtime=inprocess", "runtime.device=cpu",
+        *file_data(kind, root)])
+    config.teachers = [TeacherSpec(checkpoint=str(tmp_path / "teacher"))]
+    summary = run_inprocess(config, progress=False)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 2 and all(np.isfinite(s["loss"]) and s["kd"] > 0 for s in steps)
+    assert 0.0 <= summary["test_miou"] <= 1.0
+    scores = evaluate_checkpoint(summary["student"], root=str(root), device="cpu")
+    assert scores["samples"] == len(VAL_SIZES) and scores["test_miou"] == pytest.approx(summary["test_miou"])
+
+
+def test_file_batches_are_seeded_and_read_only_their_files(tmp_path):
+    from mtkd.data import BatchLoader, train_test
+
+    write_layout("ade20k", tmp_path)
+    train, _ = train_test("ade20k", str(tmp_path), crop_size=(24, 32), read_threads=2)
+
+    def batches(seed=5, epoch=0, **kw):
+        loader = BatchLoader(train, 2, augment=True, seed=seed, **kw)
+        loader.set_epoch(epoch)
+        return list(loader)
+
+    def same(a, b):
+        return all(torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
+                   and torch.equal(x.sample_index, y.sample_index) for x, y in zip(a, b))
+
+    first = batches()
+    assert len(first) == 2 and first[0].images.shape == (2, 3, 24, 32) and first[0].labels.shape == (2, 24, 32)
+    assert same(first, batches()) and same(first[1:], batches(rank=1, world_size=2))
+    assert not same(first, batches(epoch=1)) and not same(first, batches(seed=6))
+    in_order = batches(shuffle=False)  # the same samples: only the augmentation differs
+    assert same(in_order, batches(shuffle=False)) and not same(in_order, batches(epoch=1, shuffle=False))
+    assert not same(in_order, batches(seed=6, shuffle=False))
+    reads = []
+    read_pair = train.files.read_pair
+    train.files.read_pair = lambda i: (reads.append(i), read_pair(i))[1]
+    batch = next(iter(BatchLoader(train, 2, augment=True, seed=5)))
+    assert sorted(reads) == sorted(batch.sample_index.tolist())  # a batch decodes its own files, no others
+    assert not hasattr(train, "images") and not hasattr(train, "labels")
+
+
+def test_file_batches_hold_the_files_pixels(tmp_path):
+    """Crops, flips, centre crops and padded whole images read back the files' exact pixels and classes."""
+    from PIL import Image
+
+    from mtkd.data import BatchLoader, train_test
+
+    made, val_made = write_layout("cityscapes", tmp_path)
+    mean, std = (torch.tensor(s).view(3, 1, 1) for s in IMAGENET_STATS)
+    train_ids = np.full(256, -1)
+    train_ids[CITY_RAW] = CITY_MAPPED
+
+    def expected(pair):
+        image = torch.from_numpy(np.array(Image.open(pair[0]))).permute(2, 0, 1).float() / 255
+        return (image - mean) / std, torch.from_numpy(train_ids[pair[2]])
+
+    def centre(x, fill, h=40, w=80):  # the centre h x w window of x [..., H, W]; outside it: fill
+        ys, xs = torch.arange(h) + (x.shape[-2] - h) // 2, torch.arange(w) + (x.shape[-1] - w) // 2
+        inside = ((ys >= 0) & (ys < x.shape[-2]))[:, None] & ((xs >= 0) & (xs < x.shape[-1]))[None]
+        window = x[..., ys.clamp(0, x.shape[-2] - 1), :][..., xs.clamp(0, x.shape[-1] - 1)]
+        return torch.where(inside, window, torch.tensor(fill, dtype=x.dtype))
+
+    # crop = the whole image at scale 1: each sample is its file, flipped or not
+    train, test = train_test("cityscapes", str(tmp_path), crop_size=(40, 80), scale=(1.0, 1.0))
+    flips = []
+    for epoch in range(2):
+        loader = BatchLoader(train, 4, augment=True, seed=1, shuffle=False)
+        loader.set_epoch(epoch)
+        batch = next(iter(loader))
+        for b in (0, 2):  # the two 40x80 images
+            image, mask = expected(made[b])
+            flips.append(not torch.equal(batch.labels[b], mask))
+            image, mask = (image.flip(-1), mask.flip(-1)) if flips[-1] else (image, mask)
+            assert torch.equal(batch.labels[b], mask) and torch.allclose(batch.images[b], image, atol=1e-5)
+    assert set(flips) == {False, True}
+    # no augmentation: the centre crop (a smaller image is padded: at the mean, mask 255)
+    batch = next(iter(BatchLoader(train, 4, augment=False, shuffle=False)))
+    for b in range(len(TRAIN_SIZES)):
+        image, mask = expected(made[b])
+        assert torch.equal(batch.labels[b], centre(mask, IGNORE_INDEX))
+        assert torch.allclose(batch.images[b], centre(image, 0.0), atol=1e-5)
+    # evaluation: whole images, a smaller one padded at the bottom and right
+    whole = next(iter(BatchLoader(test, 2, shuffle=False)))
+    assert whole.images.shape == (2, 3, 40, 80) and test.image_shape == (3, 40, 80)
+    for b, (h, w) in enumerate(VAL_SIZES):
+        image, mask = expected(val_made[b])
+        assert torch.equal(whole.labels[b, :h, :w], mask)
+        assert torch.allclose(whole.images[b, :, :h, :w], image, atol=1e-5)
+        assert (whole.labels[b, h:] == IGNORE_INDEX).all() and (whole.labels[b, :, w:] == IGNORE_INDEX).all()
+        assert (whole.images[b, :, h:] == 0).all() and (whole.images[b, :, :, w:] == 0).all()
+
+
+def test_file_backed_sets_refuse_bad_input_in_training(tmp_path):
+    from mtkd.config import ConfigError, ExperimentConfig, load_config
+    from mtkd.session import Session
+    from mtkd.teachers import LocalTeacherPool
+
+    base = [f"output_dir={tmp_path / 'run'}", "student=fcn_resnet8", "distill.strategy=ce",
+            "runtime.runtime=inprocess", "runtime.device=cpu"]
+
+    def session(*overrides, root=tmp_path / "data"):
+        config = load_config(ExperimentConfig, None, [*base, *file_data("cityscapes", root), "data.batch_size=4",
+                                                      *overrides])
+        return Session.build(config, LocalTeacherPool([]))
+
+    made, _ = write_layout("cityscapes", tmp_path / "data")
+    # config: no root, an augment bank, a cache with random crops; a bad crop size
+    assert "data.root" in _error(lambda: load_config(ExperimentConfig, None, [*base, "data.name=cityscapes"]),
+                                 ConfigError)
+    assert "data.augment_bank" in _error(lambda: session("data.augment_bank=2"), ConfigError)
+    assert "cache.url" in _error(lambda: session("cache.url=local"), ConfigError)
+    assert not session("cache.url=local", "data.augment=false").train_loader.augment  # centre crops: keyed by index
+    assert "data.options.crop_size" in _error(lambda: session("data.options={crop_size: [0, 8]}"), DataError)
+    # a root without the layout: the path and the layout
+    message = _error(lambda: session(root=tmp_path / "nowhere"), DataNotFoundError)
+    assert str(tmp_path / "nowhere" / "leftImg8bit" / "train") in message and "gtFine" in message
+    # a mask of another size, a class id out of range: the first training step names the file
+    save_mask(made[2][1], np.full((40, 81), 7))
+    assert str(made[2][1]) in _error(lambda: session().train_epoch(), DataError)
+    save_mask(made[2][1], np.full(TRAIN_SIZES[2], 7))
+    save_mask(made[1][1], np.full(TRAIN_SIZES[1], 40))
+    assert str(made[1][1]) in _error(lambda: session().train_epoch(), DataError)
+    # a missing image: refused before training
+    made[3][0].unlink()
+    assert str(made[3][0]) in _error(lambda: session(), DataNotFoundError)

@@ -18,7 +18,9 @@ from mtkd.models import Outputs, create_model
 from mtkd.session import Session
 from mtkd.tasks import SegmentationTask, dataset_task, model_registry
 from mtkd.tasks.segmentation import cell_ids
-from mtkd.teachers import LocalTeacherPool, load_teacher, save_teacher
+from mtkd.teachers import LocalTeacherPool, load_teacher
+
+from conftest import seg_experiment  # noqa: E402  (the seg_teachers fixture is there too)
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 T = 4.0
@@ -167,37 +169,6 @@ def test_dataset_task_and_model_registry():
 
 
 # ------------------------------------------------------------------------- the engine, end to end
-@pytest.fixture(scope="module")
-def seg_teachers(tmp_path_factory):
-    """Two untrained segmentation teachers of different architectures and strides (the engine's
-    arithmetic does not need them trained)."""
-    if not FASHION.exists():
-        pytest.skip("Fashion-MNIST is not installed")
-    root = tmp_path_factory.mktemp("seg-teachers")
-    folders = []
-    for i, name in enumerate(["fcn_resnet8", "lraspp_mobilenetv2"]):
-        torch.manual_seed(i)
-        model = create_model(name, num_classes=11, in_channels=1)
-        meta = {"model": name, "num_classes": 11, "in_channels": 1, "input_shape": [1, 32, 32], "task": "segmentation",
-                "dataset": {"name": "canvases", "mean": [0.2], "std": [0.25]}}
-        save_teacher(root / name, model, meta)
-        folders.append(str(root / name))
-    return folders
-
-
-def seg_experiment(output_dir, teachers, overrides=()) -> ExperimentConfig:
-    config = load_config(ExperimentConfig, None, [
-        f"output_dir={output_dir}", "student=fcn_resnet8", "data.name=canvases", "data.batch_size=8",
-        "data.crop_padding=4", "optim.epochs=2", "optim.milestones=[1]", "distill.warmup_epochs=1",
-        "distill.beta=0.5", "runtime.runtime=inprocess", "runtime.device=cpu", "runtime.threads=1",
-        "agent.agent_step=2", *overrides])
-    config.data.options = {"num_canvases": {"train": 24, "test": 16}, "size": 32}
-    from mtkd.config import TeacherSpec
-
-    config.teachers = [TeacherSpec(checkpoint=d) for d in teachers]
-    return config
-
-
 @pytest.mark.parametrize("strategy, rule, grid", [  # camkd per region: the run folder test below
     ("aver", "meta", 0), ("ebkd", "meta", 2), ("mtkd_rl", "meta", 0), ("mtkd_rl", "meta", 2),
     ("mtkd_rl", "reference", 2), ("mtkd_rl", "reinforce", 0),
@@ -213,6 +184,19 @@ def test_segmentation_trains_with_every_strategy(tmp_path, seg_teachers, one_tor
     means = [metrics[f"weights/logit/{t.name}"] for t in session.distiller.pool.teachers]
     assert abs(sum(means) - (1.0 if strategy != "mtkd_rl" or rule != "reference" else sum(means))) < 1e-5
     assert len(metrics["class_weights/logit"]) == 11
+
+
+@pytest.mark.parametrize("grid", [0, 2])
+def test_channel_wise_distillation_trains_per_image_and_per_region(tmp_path, seg_teachers, one_torch_thread, grid):
+    config = seg_experiment(tmp_path, seg_teachers, ["distill.strategy=mtkd_rl", "distill.dense_kd=cwd",
+                                                     f"distill.region_grid={grid}", "optim.epochs=1",
+                                                     "distill.warmup_epochs=0"])
+    session = Session.build(config, LocalTeacherPool([load_teacher(d) for d in seg_teachers]))
+    assert session.distiller.task.logit_kd == "cwd"
+    metrics = session.train_epoch()
+    assert math.isfinite(metrics["loss/kd"]) and metrics["loss/kd"] > 0
+    with pytest.raises(ConfigError, match="dense_kd"):
+        load_config(ExperimentConfig, None, ["distill.dense_kd=cwd"])  # classification data
 
 
 def test_segmentation_resumes_exactly(tmp_path, seg_teachers, one_torch_thread):

@@ -1,10 +1,12 @@
 """Datasets (in-memory uint8 splits), seeded batch augmentation and a shardable batch loader.
 
 Importing this package registers every loader in ``DATASETS``:
-``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``image_folder`` and ``canvases``
-(segmentation: masks as labels).
+``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``image_folder``, ``canvases``
+(segmentation: masks as labels), the file-backed segmentation sets ``cityscapes``, ``ade20k``
+and ``pascal_voc`` (read batch by batch: :mod:`mtkd.data.seg_files`) and ``canvases_det`` (detection:
+packed boxes as labels, :mod:`mtkd.data.det_canvases`).
 """
-from mtkd.data import canvases, cifar, folder, idx  # noqa: F401  (registers the loaders)
+from mtkd.data import canvases, cifar, det_canvases, folder, idx, seg_files  # noqa: F401  (registers the loaders)
 from mtkd.data.augment import AugmentParams, apply_augment, augment_batch, augment_params, normalize
 from mtkd.data.cifar import RestrictedUnpickler, UnsafePickleError
 from mtkd.data.dataset import IGNORE_INDEX, DataError, DataNotFoundError, ImageDataset, channel_stats, subset
@@ -12,6 +14,7 @@ from mtkd.data.idx import read_idx
 from mtkd.data.loader import (Batch, BatchLoader, augment_bank_table, augment_generator, bank_slots, derive_seed,
                               epoch_order)
 from mtkd.data.registry import DATASETS, load_dataset, train_test
+from mtkd.data.seg_files import SegmentationFileSet
 
 __all__ = [
     "DATASETS",
@@ -23,6 +26,7 @@ __all__ = [
     "DataNotFoundError",
     "ImageDataset",
     "RestrictedUnpickler",
+    "SegmentationFileSet",
     "UnsafePickleError",
     "apply_augment",
     "augment_bank_table",

@@ -204,8 +204,8 @@ def _span(u: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
     return bounds[0] + u * (bounds[1] - bounds[0])
 
 
-def _layers(pool: torch.Tensor, source: torch.Tensor, scale: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
-            size: int, window: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+def garment_layers(pool: torch.Tensor, source: torch.Tensor, scale: torch.Tensor, top: torch.Tensor,
+                   left: torch.Tensor, size: int, window: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Place garments ``source [L]`` on ``[L, S, S]`` float32 layers (zero off the garment).
 
     ``window = (row0, col0, rows, cols)`` (each ``[L]``) keeps only that crop of each garment.
@@ -244,7 +244,7 @@ def _render_chunk(pool, pool_labels, indices, seed, split, params: CanvasParams)
         row0 = torch.floor(cu[:, 5] * (29 - rows)).to(torch.int64)
         col0 = torch.floor(cu[:, 6] * (29 - cols)).to(torch.int64)
         window = (row0, col0, rows, cols)
-        layers = _layers(pool, _uniform_int(cu[:, 0], 0, n - 1), scale, cu[:, 2] * s - 14 * scale,
+        layers = garment_layers(pool, _uniform_int(cu[:, 0], 0, n - 1), scale, cu[:, 2] * s - 14 * scale,
                          cu[:, 3] * s - 14 * scale, s, window).view(b, c_max, s, s)  # fmt: skip
         contrast = _span(cu[:, 4], params.clutter_contrast).to(torch.float32).view(b, c_max, 1, 1)
         active = (torch.arange(c_max)[None] < n_clutter[:, None]).view(b, c_max, 1, 1)
@@ -257,7 +257,7 @@ def _render_chunk(pool, pool_labels, indices, seed, split, params: CanvasParams)
     left = (0.1 + 0.8 * gu[..., 3]) * s - 14 * scale
     gain = _span(gu[..., 4], params.gain)
     flat = (t.reshape(-1) for t in (source, scale, top, left))
-    layers = _layers(pool, *flat, s).view(b, g_max, s, s)
+    layers = garment_layers(pool, *flat, s).view(b, g_max, s, s)
     peak = pool[source.reshape(-1)].reshape(b, g_max, -1).amax(dim=2).to(torch.float32) / 255.0
     placed = torch.arange(g_max)[None] < count[:, None]  # [B, G]
     label = pool_labels[source]

@@ -159,10 +159,12 @@ def subset(dataset: ImageDataset, n: int, seed: int = 0) -> ImageDataset:
     The subset keeps the parent's name, split, mean and std; its ``digest`` differs.
 
     Args:
-        dataset: the parent dataset.
+        dataset: the parent dataset (a file-backed segmentation split returns its own subset of files).
         n: number of samples, ``1 <= n <= len(dataset)``.
         seed: seed of the ``torch.Generator`` that picks the samples.
     """
+    if not isinstance(dataset, ImageDataset):  # a split read from files takes its own subset
+        return dataset.subset(n, seed)
     if not 1 <= n <= len(dataset):
         raise DataError(f"subset: n={n}; expected 1 <= n <= {len(dataset)} (size of {dataset.name}/{dataset.split})")
     generator = torch.Generator().manual_seed(seed)

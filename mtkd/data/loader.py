@@ -19,6 +19,17 @@ settings including K), never on rank, world size, prefetching or where a run res
 a sample's augmentation depends only on (seed, epoch, K, crop settings, sample). Each batch also says
 which samples it holds (``Batch.sample_index``) and how each was augmented (``Batch.augment``):
 what a cache of teacher outputs needs for its keys.
+
+A file-backed segmentation split (:class:`~mtkd.data.seg_files.SegmentationFileSet`) is ordered and
+sharded by the same rules; each batch reads only its own files, augmented (scale, crop, flip) from
+the same per-batch generator. Its batches carry ``augment=None``: a cache key can describe them only
+without augmentation (centre crops, whole images), and it takes no augmentation bank.
+
+A detection split (``task == "detection"``: :class:`~mtkd.detection.dataset.DetectionSet`) is
+ordered and sharded by the same rules too; its batch's labels are packed boxes ``[B, N, 5]`` that the
+split's own ``load_batch`` moves with the images (shift, flip, scale from the same per-batch
+generator). The classification crop and flip never touch them; its batches carry ``augment=None``
+and it takes no augmentation bank, as a file-backed segmentation split.
 """
 from __future__ import annotations
 
@@ -30,6 +41,7 @@ import torch
 
 from mtkd.data.augment import AugmentParams, apply_augment, augment_params, normalize
 from mtkd.data.dataset import IGNORE_INDEX, ImageDataset
+from mtkd.data.seg_files import SegmentationFileSet
 
 
 class Batch(NamedTuple):
@@ -38,13 +50,15 @@ class Batch(NamedTuple):
     Attributes:
         index: global batch index ``k`` within the epoch (the same on every rank layout).
         images: ``[B, C, H, W]`` float32, augmented (if enabled) and normalised.
-        labels: ``[B]`` int64 (classification) or ``[B, H, W]`` int64 masks, moved with their images
-            (segmentation; padding pixels 255).
+        labels: ``[B]`` int64 (classification), ``[B, H, W]`` int64 masks, moved with their images
+            (segmentation; padding pixels 255), or ``[B, N, 5]`` float32 packed boxes, moved with their
+            images (detection; padding rows of class -1).
         sample_index: ``[B]`` int64 indices of the samples in the dataset (``BatchLoader`` always
             sets it; None only in batches built by hand).
         augment: the augmentation applied to each sample (``AugmentParams`` of ``[B]`` tensors:
             ``images`` = ``normalize(apply_augment(dataset.images[sample_index], augment, crop_padding))``);
-            None when the batch is not augmented.
+            None when the batch is not augmented, and for a file-backed segmentation split or a
+            detection split (their augmentations have no ``AugmentParams``: see the module docstring).
     """
 
     index: int
@@ -118,7 +132,7 @@ class BatchLoader:
     advance the epoch.
 
     Args:
-        dataset: the in-memory split.
+        dataset: the in-memory split, or a file-backed segmentation split (read batch by batch).
         batch_size: samples per global batch.
         shuffle: permute samples each epoch (seeded); else keep dataset order.
         augment: random crop (``crop_padding``) and horizontal flip (``hflip``).
@@ -156,6 +170,12 @@ class BatchLoader:
         self.seed, self.drop_last, self.rank, self.world_size = int(seed), drop_last, rank, world_size
         self.epoch = 0
         self.augment_bank = int(augment_bank) if augment else 0
+        if self.augment_bank and isinstance(dataset, SegmentationFileSet):
+            raise ValueError(f"BatchLoader: augment_bank={augment_bank}; {dataset.name} is read from files batch by "
+                             f"batch and takes no augmentation bank (expected 0)")
+        if self.augment_bank and _is_detection(dataset):
+            raise ValueError(f"BatchLoader: augment_bank={augment_bank}; {dataset.name} is a detection set, whose "
+                             f"box-moving augmentation takes no augmentation bank (expected 0)")
         self.bank = (augment_bank_table(len(dataset), self.augment_bank, self.seed, crop_padding, hflip)
                      if self.augment_bank else None)  # [K, N] each
         if self.num_global_batches == 0:
@@ -199,6 +219,14 @@ class BatchLoader:
             yield self._make_batch(k, self.sample_indices(k, order), slots)
 
     def _make_batch(self, k: int, index: torch.Tensor, slots: torch.Tensor | None = None) -> Batch:
+        if isinstance(self.dataset, SegmentationFileSet):
+            generator = augment_generator(self.seed, self.epoch, k) if self.augment else None
+            images, labels = self.dataset.load_batch(index, generator, self.hflip)
+            return Batch(k, images, labels, index.clone(), None)
+        if _is_detection(self.dataset):  # boxes move with their images; never the classification crop
+            generator = augment_generator(self.seed, self.epoch, k) if self.augment else None
+            images, labels = self.dataset.load_batch(index, generator, self.hflip, self.crop_padding)
+            return Batch(k, images, labels, index.clone(), None)
         images = self.dataset.images[index]  # [B, C, H, W] uint8
         params = None
         if self.bank is not None:
@@ -216,6 +244,11 @@ class BatchLoader:
         images = normalize(images, self.dataset.mean, self.dataset.std)
         # index is a view of the epoch's order: clone it, so that a pickled batch does not carry all N
         return Batch(k, images, labels.long(), index.clone(), params)
+
+
+def _is_detection(dataset) -> bool:
+    """Whether ``dataset`` is a detection split (packed boxes as labels, its own ``load_batch``)."""
+    return getattr(dataset, "task", None) == "detection"
 
 
 def _check_args(n: int, batch_size: int, crop_padding: int, rank: int, world_size: int) -> None:

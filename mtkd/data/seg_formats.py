@@ -106,6 +106,12 @@ class SegmentationFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pair ``i`` as ``(image [3, H, W] float32 normalised, mask [H, W] int64 in [0, num_classes) or 255)``."""
+        image, mask = self.read_pair(i)
+        return normalize(image[None], self.mean, self.std)[0], mask
+
+    def read_pair(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair ``i`` as read: ``(image [3, H, W] uint8 RGB, mask [H, W] int64)``; a mask of another
+        size than its image is refused (naming both files)."""
         image = self.read_image(i)
         mask = self.read_mask(i)
         if image.shape[1:] != mask.shape:
@@ -114,7 +120,7 @@ class SegmentationFiles(torch.utils.data.Dataset):
                 f"{self.name}: mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
                 f"{image_path} is {image.shape[2]}x{image.shape[1]}; expected the same size"
             )
-        return normalize(image[None], self.mean, self.std)[0], mask
+        return image, mask
 
     def read_image(self, i: int) -> torch.Tensor:
         """Image ``i`` as ``[3, H, W]`` uint8 RGB (greyscale and CMYK files are converted)."""

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from mtkd.models.segmentation.outputs import upsample_logits
 
 __all__ = [
-    "CellValues", "cell_mean", "cwd_loss", "dense_feature_mse", "dense_feature_mse_cells", "downsample_labels",
+    "CellValues", "cell_mean", "cwd_cells", "cwd_loss", "dense_feature_mse", "dense_feature_mse_cells", "downsample_labels",
     "pixel_ce", "pixel_ce_cells", "pixel_ce_map", "pixel_kd_kl", "pixel_kd_kl_cells", "pixel_kd_kl_map",
     "resize_logits", "valid_mask",
 ]
@@ -255,6 +255,43 @@ def cwd_loss(student_map: torch.Tensor, teacher_map: torch.Tensor, T: float) -> 
     log_p_student = F.log_softmax(student_map.flatten(2) / T, dim=2)
     per_channel = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=2)
     return (T * T) * per_channel.mean(dim=1)
+
+
+def cwd_cells(student_map: torch.Tensor, teacher_map: torch.Tensor, T: float, grid: int) -> CellValues:
+    """:func:`cwd_loss` within each cell of a ``G x G`` grid: each channel is a distribution over the
+    cell's positions (not the whole map's), so that a cell's value depends on that cell alone.
+
+    Args:
+        student_map: ``[B, K, h, w]``.
+        teacher_map: ``[B, K, h', w']``; resized to ``(h, w)`` first.
+        T: temperature.
+        grid: G (each cell must hold at least one position: ``G <= min(h, w)``).
+
+    Returns:
+        :class:`CellValues` with ``[B, G, G]`` tensors; ``count`` is the cell's positions (no pixel is masked).
+    """
+    _check_temperature(T)
+    grid = _check_grid(grid)
+    teacher_map = _align_teacher(student_map, teacher_map, what="map")
+    height, width = student_map.shape[-2:]
+    if grid > min(height, width):
+        raise ValueError(f"cwd per cell: a {grid}x{grid} grid over a {height}x{width} map leaves empty cells; "
+                         f"expected distill.region_grid <= {min(height, width)}")
+    rows = _cell_matrix(height, grid, torch.float32, student_map.device).argmax(0)
+    cols = _cell_matrix(width, grid, torch.float32, student_map.device).argmax(0)
+    cell = (rows[:, None] * grid + cols[None, :]).flatten()  # [h*w]
+    student_flat, teacher_flat = student_map.flatten(2) / T, teacher_map.flatten(2) / T  # [B, K, h*w]
+    values, counts = [], []
+    for g in range(grid * grid):
+        where = (cell == g).nonzero().squeeze(1)
+        log_p_teacher = F.log_softmax(teacher_flat.index_select(2, where), dim=2)
+        log_p_student = F.log_softmax(student_flat.index_select(2, where), dim=2)
+        values.append((log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(2).mean(1))  # [B]
+        counts.append(where.numel())
+    batch = student_map.shape[0]
+    value = ((T * T) * torch.stack(values, 1)).reshape(batch, grid, grid)
+    count = torch.tensor(counts, device=student_map.device).reshape(1, grid, grid).expand(batch, grid, grid)
+    return CellValues(value=value, valid=count > 0, count=count)
 
 
 # ----------------------------------------------------------------------------- feature MSE

@@ -15,7 +15,8 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
 
     Args:
         name: a name from :func:`list_models`, e.g. ``"resnet56"``, or a segmentation network's
-            (:func:`mtkd.models.segmentation.list_seg_models`, returning ``DenseOutputs``).
+            (:func:`mtkd.models.segmentation.list_seg_models`, returning ``DenseOutputs``) or a
+            detector's (:func:`mtkd.detection.models.list_det_models`, returning ``DetectionOutputs``).
         num_classes: C, classes of the classifier (>= 2).
         in_channels: channels of the input images (>= 1; 1 for Fashion-MNIST).
         **kwargs: family-specific options, e.g. ``width_mult`` for ``mobilenetv2``.
@@ -33,10 +34,13 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
     ``model: resnet20`` in a teacher-training file); the config takes no ``kwargs``, so the models it
     builds use their family's defaults.
     """
+    from mtkd.detection.models import DET_MODELS
     from mtkd.models.segmentation._factory import SEG_MODELS
 
     if name not in MODELS and name in SEG_MODELS:  # a dense network: one entry point builds any checkpoint
         factory = SEG_MODELS.get(name)
+    elif name not in MODELS and name in DET_MODELS:  # a detector, likewise
+        factory = DET_MODELS.get(name)
     else:
         factory = MODELS.get(name)
     check_sizes(num_classes, in_channels)

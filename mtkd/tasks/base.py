@@ -81,10 +81,23 @@ class Task:
         """The test metrics of ``model`` over ``loader`` (``test/acc`` and ``test/loss`` always)."""
         raise NotImplementedError
 
+    def unit_classes(self, num_classes: int) -> int:
+        """How many values a unit's label (``StepInputs.unit_labels``) takes: the dataset's C here;
+        detection adds a background label."""
+        return num_classes
+
+    @property
+    def units_per_image(self) -> int | None:
+        """Decision units per image when the task fixes it (detection: objects + background), else None."""
+        return None
+
+    def check_teachers(self, descriptions: list[dict]) -> None:
+        """Refuse teachers whose outputs this task cannot read (``PoolMismatchError``); none here."""
+
 
 def dataset_task(name: str) -> str:
-    """The task of a registered dataset, before loading it: ``"segmentation"`` for a loader marked
-    ``task = "segmentation"`` (``canvases``), else ``"classification"``."""
+    """The task of a registered dataset, before loading it: ``"segmentation"`` or ``"detection"`` for a
+    loader marked so (``canvases``, ``canvases_det``), else ``"classification"``."""
     from mtkd.data import DATASETS
 
     return getattr(DATASETS.get(name), "task", "classification") if name in DATASETS else "classification"
@@ -92,23 +105,31 @@ def dataset_task(name: str) -> str:
 
 def model_registry(dataset_name: str):
     """The model registry a student or teacher for ``dataset_name`` comes from: the segmentation
-    networks for a segmentation set, the classifiers otherwise."""
+    networks for a segmentation set, the detectors for a detection set, the classifiers otherwise."""
+    from mtkd.detection.models import DET_MODELS
     from mtkd.models import MODELS
     from mtkd.models.segmentation import SEG_MODELS
 
-    return SEG_MODELS if dataset_task(dataset_name) == "segmentation" else MODELS
+    task = dataset_task(dataset_name)
+    return SEG_MODELS if task == "segmentation" else DET_MODELS if task == "detection" else MODELS
 
 
 def task_of(dataset) -> str:
-    """The task of a loaded dataset: ``"segmentation"`` when its labels are masks."""
+    """The task of a loaded dataset: ``"segmentation"`` when its labels are masks, ``"detection"`` for
+    packed boxes."""
     return getattr(dataset, "task", "classification")
 
 
-def task_for_dataset(dataset, region_grid: int = 0) -> Task:
-    """The :class:`Task` that trains on ``dataset`` (``region_grid``: segmentation's per-region units)."""
+def task_for_dataset(dataset, region_grid: int = 0, logit_kd: str = "kl", units: str = "image") -> Task:
+    """The :class:`Task` that trains on ``dataset`` (``region_grid``: segmentation's per-region units;
+    ``logit_kd``: segmentation's logit distillation, ``kl`` or ``cwd``; ``units``: detection's decision
+    units, ``image`` or ``object``)."""
     from mtkd.tasks.classification import ClassificationTask
+    from mtkd.tasks.detection import DetectionTask
     from mtkd.tasks.segmentation import SegmentationTask
 
+    if task_of(dataset) == "detection":
+        return DetectionTask(num_classes=dataset.num_classes, max_objects=dataset.max_objects, units=units)
     if task_of(dataset) == "segmentation":
-        return SegmentationTask(num_classes=dataset.num_classes, region_grid=region_grid)
+        return SegmentationTask(num_classes=dataset.num_classes, region_grid=region_grid, logit_kd=logit_kd)
     return ClassificationTask()

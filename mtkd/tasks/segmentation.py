@@ -19,9 +19,9 @@ from torch import nn
 
 from mtkd.dense_metrics import SegmentationMeter
 from mtkd.devices import autocast
-from mtkd.distill.dense_losses import (_cell_matrix, _masked_image_mean, cell_mean, dense_feature_mse,
-                                       dense_feature_mse_cells, downsample_labels, pixel_ce_map, pixel_kd_kl,
-                                       pixel_kd_kl_cells, resize_logits)
+from mtkd.distill.dense_losses import (_cell_matrix, _masked_image_mean, cell_mean, cwd_cells, cwd_loss,
+                                       dense_feature_mse, dense_feature_mse_cells, downsample_labels, pixel_ce_map,
+                                       pixel_kd_kl, pixel_kd_kl_cells, resize_logits)
 from mtkd.distill.dense_state import dense_agent_state
 from mtkd.distill.projector import resize_feature_map
 from mtkd.distill.state import AgentState
@@ -50,14 +50,21 @@ class SegmentationTask(Task):
         num_classes: K (background included).
         region_grid: G, or 0 for per-image units.
         ignore_index: the mask value of pixels that take no part.
+        logit_kd: ``"kl"`` (per-pixel KL at temperature T over the valid pixels) or ``"cwd"``
+            (channel-wise distillation: each class channel a distribution over the unit's positions).
     """
 
     name = "segmentation"
+    LOGIT_KD = ("kl", "cwd")
 
-    def __init__(self, num_classes: int, region_grid: int = 0, ignore_index: int = IGNORE_INDEX):
+    def __init__(self, num_classes: int, region_grid: int = 0, ignore_index: int = IGNORE_INDEX,
+                 logit_kd: str = "kl"):
+        if logit_kd not in self.LOGIT_KD:
+            raise ValueError(f"logit_kd={logit_kd!r}; expected one of {self.LOGIT_KD}")
         self.num_classes = int(num_classes)
         self.grid = int(region_grid)
         self.ignore_index = ignore_index
+        self.logit_kd = logit_kd
 
     @property
     def per_region(self) -> bool:
@@ -76,15 +83,20 @@ class SegmentationTask(Task):
     def distill_terms(self, student: Outputs, projected: list[torch.Tensor], teachers: list[Outputs],
                       targets: torch.Tensor, temperature: float) -> DistillTerms:
         valid = self._valid(student, targets)  # [B, h, w] at the student's logit size
+        cwd = self.logit_kd == "cwd"
         if not self.per_region:
-            kl = torch.stack([pixel_kd_kl(student.logits, t.logits, temperature, valid) for t in teachers], 1)
+            kd = cwd_loss if cwd else lambda s, t, T: pixel_kd_kl(s, t, T, valid)
+            kl = torch.stack([kd(student.logits, t.logits, temperature) for t in teachers], 1)
             mse = torch.stack([dense_feature_mse(p, t.feature) for p, t in zip(projected, teachers)], 1)
             return DistillTerms(kl, mse)
-        cells = [pixel_kd_kl_cells(student.logits, t.logits, temperature, self.grid, valid) for t in teachers]
+        if cwd:
+            cells = [cwd_cells(student.logits, t.logits, temperature, self.grid) for t in teachers]
+        else:
+            cells = [pixel_kd_kl_cells(student.logits, t.logits, temperature, self.grid, valid) for t in teachers]
         kl = torch.stack([c.value.flatten() for c in cells], 1)  # [B*G*G, M]
         mse = torch.stack([dense_feature_mse_cells(p, t.feature, self.grid).value.flatten()
                            for p, t in zip(projected, teachers)], 1)
-        count = cells[0].count.flatten(1).to(kl.dtype)  # [B, G*G] valid pixels per cell
+        count = cells[0].count.flatten(1).to(kl.dtype)  # [B, G*G] valid pixels (cwd: positions) per cell
         mass = count / count.sum(1, keepdim=True).clamp(min=1) / count.shape[0]  # each image 1/B, by pixels
         return DistillTerms(kl, mse, mass.flatten())
 

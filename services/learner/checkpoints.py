@@ -9,6 +9,7 @@ the learners choose the same way (they may run where the driver cannot read the 
 """
 from __future__ import annotations
 
+import json
 import posixpath
 from pathlib import Path
 from typing import Callable
@@ -16,7 +17,7 @@ from typing import Callable
 import pyarrow.fs
 from ray.train import Checkpoint
 
-from mtkd.checkpoint import CheckpointError
+from mtkd.checkpoint import META_FILE, CheckpointError
 from mtkd.experiment import load_checkpoint, newest_loadable
 
 CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's folder names: checkpoint_<date and time>, sortable
@@ -34,6 +35,75 @@ def with_older(checkpoint: Checkpoint) -> list[Checkpoint]:
                     and posixpath.basename(info.path).startswith(CHECKPOINT_PREFIX)
                     and posixpath.basename(info.path) < name), reverse=True)
     return [checkpoint, *(Checkpoint(p, filesystem=checkpoint.filesystem) for p in older)]
+
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's own list of a run's checkpoints
+
+
+def newest_in_storage(storage: str, name: str) -> Checkpoint | None:
+    """The newest ``checkpoint_*`` folder of Ray Train run ``name`` in ``storage``, found by listing
+    it (not from Ray Train's snapshot file, which a process killed while writing it leaves empty),
+    or None."""
+    try:
+        filesystem, root = pyarrow.fs.FileSystem.from_uri(str(storage))
+        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(posixpath.join(root, name)))
+    except (OSError, ValueError):  # no such run, or storage that cannot be listed
+        return None
+    folders = sorted(info.path for info in infos if info.type == pyarrow.fs.FileType.Directory
+                     and posixpath.basename(info.path).startswith(CHECKPOINT_PREFIX))
+    return Checkpoint(folders[-1], filesystem=filesystem) if folders else None
+
+
+def repair_snapshot(storage: str, name: str) -> str | None:
+    """Rewrite Ray Train's snapshot file of run ``name`` when it is empty or does not parse (Ray Train
+    writes it in place, so a process killed meanwhile leaves it cut short, and Ray Train then refuses
+    to start the run and to hand the learners a checkpoint). The broken file is kept as
+    ``<file>.broken``; the new one lists the run's ``checkpoint_*`` folders whose ``meta.json`` reads
+    (its metrics and epoch), oldest first, with Ray Train's own schema.
+
+    Returns:
+        The path of the broken file set aside, or None (the file parses, is absent, or the storage
+        cannot be read).
+    """
+    try:
+        filesystem, root = pyarrow.fs.FileSystem.from_uri(str(storage))
+    except (OSError, ValueError):
+        return None
+    run_dir = posixpath.join(root, name)
+    path = posixpath.join(run_dir, SNAPSHOT_FILE)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            if isinstance(json.loads(stream.read().decode()), dict):
+                return None
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        pass
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (_CheckpointManagerState,
+                                                                                  _TrainingResultState)
+
+    results = []
+    for info in sorted(filesystem.get_file_info(pyarrow.fs.FileSelector(run_dir)), key=lambda i: i.path):
+        folder = posixpath.basename(info.path)
+        if info.type != pyarrow.fs.FileType.Directory or not folder.startswith(CHECKPOINT_PREFIX):
+            continue
+        try:
+            with filesystem.open_input_stream(posixpath.join(info.path, META_FILE)) as stream:
+                meta = json.loads(stream.read().decode())
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        metrics = {**(meta.get("metrics") or {}), "epoch": meta.get("epoch")}
+        results.append(_TrainingResultState(checkpoint_dir_name=folder, metrics=metrics))
+    state = _CheckpointManagerState(
+        checkpoint_results=results, checkpoint_report_indices=list(range(len(results))),
+        latest_checkpoint_result=results[-1] if results else None, pending_training_results=[],
+        pending_validation_specs=[], current_report_index=len(results), validated_checkpoint_dir_names=[],
+        timed_out_validation_checkpoint_dir_names=[], failed_validation_checkpoint_dir_names=[])
+    filesystem.move(path, f"{path}.broken")
+    with filesystem.open_output_stream(f"{path}.partial") as stream:
+        stream.write(state.json().encode())
+    filesystem.move(f"{path}.partial", path)
+    return f"{path}.broken"
 
 
 def load_ray_checkpoint(checkpoint: Checkpoint) -> tuple[dict, dict]:
@@ -56,4 +126,4 @@ def newest_valid(checkpoint: Checkpoint, warn: Callable[[str], None] | None = No
     return newest_loadable(with_older(checkpoint), load_ray_checkpoint, warn, name=lambda c: c.path)
 
 
-__all__ = ["load_ray_checkpoint", "newest_valid", "with_older"]
+__all__ = ["load_ray_checkpoint", "newest_in_storage", "newest_valid", "repair_snapshot", "with_older"]

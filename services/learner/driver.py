@@ -26,7 +26,7 @@ from typing import Callable
 
 import ray
 import ray.train
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Queue
@@ -36,17 +36,17 @@ from mtkd.config import ExperimentConfig, save_config, to_dict
 from mtkd.distill import STRATEGIES
 from mtkd.engine import PoolMismatchError, agent_kwargs, needs_agent_actor
 from mtkd.errors import RUN_ERRORS, UserError, error_class
-from mtkd.experiment import (RunDirectory, load_checkpoint, load_data, no_valid_checkpoint, print_warning,
-                             write_checkpoint_folder)
+from mtkd.experiment import (RAY_RUN_FILE, RunDirectory, load_checkpoint, load_data, no_valid_checkpoint,
+                             print_warning, write_checkpoint_folder)
 from mtkd.runner import KEEP_CHECKPOINTS, finish, plot_title, prepare_run_dir
 from mtkd.tasks import model_registry, task_for_dataset
 from services.agent.actor import start_agent_actor
 from services.cache import open_store
-from services.learner.checkpoints import newest_valid, with_older
+from services.learner.checkpoints import newest_in_storage, newest_valid, repair_snapshot, with_older
 from services.learner.events import EventWriter
+from services.learner.lost import lost_error
 from services.teacher_server.pool import replica_resources, start_teacher_actors, stop_actors, teacher_source
 
-RAY_RUN_FILE = "ray_run.json"
 PLACEMENT_NOTE_AFTER_S = 30.0
 PLACEMENT_TIMEOUT_S = 600.0
 log = logging.getLogger(__name__)
@@ -265,8 +265,11 @@ def preflight(config: ExperimentConfig, storage: Path | str, name: str, resume: 
               run: RunDirectory | None = None) -> str | None:
     """Driver-side checks before the teachers and learners start: names, and on resume that the Ray
     Train run has a valid checkpoint (:func:`resume_checkpoint`; a newer broken one is named in a
-    warning). (The learners' :class:`mtkd.session.Session` checks the pool against the data and the
-    checkpoint, and returns what it refuses.)
+    warning). Ray Train's record of the run's checkpoints, cut short by a process killed while
+    writing it, is rebuilt from the checkpoint folders with a warning (Ray Train would refuse to
+    start: :func:`services.learner.checkpoints.repair_snapshot`). (The learners'
+    :class:`mtkd.session.Session` checks the pool against the data and the checkpoint, and returns
+    what it refuses.)
 
     Returns:
         On resume, the path of the checkpoint Ray Train will hand the learners (its newest, which
@@ -276,6 +279,10 @@ def preflight(config: ExperimentConfig, storage: Path | str, name: str, resume: 
     STRATEGIES.get(config.distill.strategy)
     if not resume:
         return None
+    moved = repair_snapshot(str(storage), name)
+    if moved:
+        print_warning(f"Ray Train's record of the run's checkpoints was cut short (kept as {moved!r}); "
+                      f"rebuilt from the checkpoint folders")
     newest = latest_checkpoint(storage, name)
     resume_checkpoint(newest, run or RunDirectory(config.output_dir), warn=print_warning)
     return newest.path
@@ -312,11 +319,15 @@ def resumable_epoch(config: ExperimentConfig) -> int | None:
 
 
 def latest_checkpoint(storage: Path | str, name: str):
-    """The newest checkpoint of Ray Train run ``name`` in ``storage``."""
+    """The newest checkpoint of Ray Train run ``name`` in ``storage``: Ray Train's own record of it,
+    else (that record cut short by a process killed while writing it) the newest ``checkpoint_*``
+    folder there."""
     try:
         checkpoint = Result.from_path(f"{storage}/{name}").checkpoint
-    except Exception as error:  # noqa: BLE001 - Ray raises several kinds for a missing run
-        raise CheckpointError(f"no Ray Train run {name!r} to resume in {str(storage)!r}: {error}") from error
+    except Exception as error:  # noqa: BLE001 - Ray raises several kinds for a missing run or a broken record
+        checkpoint = newest_in_storage(str(storage), name)
+        if checkpoint is None:
+            raise CheckpointError(f"no Ray Train run {name!r} to resume in {str(storage)!r}: {error}") from error
     if checkpoint is None:
         raise CheckpointError(f"the Ray Train run {name!r} in {str(storage)!r} has no checkpoint to resume from")
     return checkpoint
@@ -348,13 +359,15 @@ def raise_run_error(error: dict) -> None:
 
 
 def worker_error(error: BaseException) -> BaseException:
-    """The library error a worker raised (a bad checkpoint...), else Ray's own error."""
+    """The library error a worker raised (a bad checkpoint...); else, for a lost node, actor or
+    process, a :class:`mtkd.errors.LostError` naming it (:func:`services.learner.lost.lost_error`);
+    else Ray's own error."""
     for rank in sorted(getattr(error, "worker_failures", {}) or {}):
         failure = error.worker_failures[rank]
         cause = getattr(failure, "cause", None) or failure
         if isinstance(cause, RUN_ERRORS):
             return cause
-    return error
+    return lost_error(error)
 
 
 # ------------------------------------------------------------------------------- the run
@@ -373,8 +386,11 @@ def run_ray(config: ExperimentConfig, resume: bool = False, stop_after_epoch: in
     with open_store(config.cache.url, config.cache.max_memory_mb) as store:
         link = connect_ray_keeping_sigterm(config)
         warn_if_local_cache(config.cache.url, link.private)
-        return _run(config, run, storage, name, stop_after_epoch, progress, link,
-                    store.url if store is not None else None, checked)
+        try:
+            return _run(config, run, storage, name, stop_after_epoch, progress, link,
+                        store.url if store is not None else None, checked)
+        except RayError as error:  # a node, raylet or GCS lost outside the learners: one line, exit 4
+            raise lost_error(error) from error
 
 
 def fit(trainer: TorchTrainer):
@@ -412,7 +428,7 @@ def _run(config: ExperimentConfig, run: RunDirectory, storage: str, name: str, s
         if needs_agent_actor(config):  # else the learner's engine builds the agent in its own process
             task = task_for_dataset(train_set, config.distill.region_grid)
             agent = start_agent_actor(*task.state_layout(descriptions, _num_classes(descriptions)), **agent_kwargs(config))
-        events = Queue(actor_options={"num_cpus": 0})
+        events = Queue(actor_options=driver_node_actor())
         trainer = TorchTrainer(
             train_loop_per_worker=_train_loop,
             train_loop_config={"experiment": to_dict(config), "teacher_handles": teacher_handles, "agent": agent,
@@ -441,6 +457,16 @@ def _run(config: ExperimentConfig, run: RunDirectory, storage: str, name: str, s
                 ray.kill(actor)
         if link.started:
             ray.shutdown()
+
+
+def driver_node_actor() -> dict:
+    """Actor options of the run's event queue: no CPU, on the driver's node where it can (a CPU-less
+    actor may land on any node, and one that carries only the driver's events should not be lost
+    with another node)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=True)}
 
 
 def summarise(config: ExperimentConfig, run: RunDirectory, result, train_set, descriptions: list[dict],

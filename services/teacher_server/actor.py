@@ -58,6 +58,7 @@ class TeacherActor:
         cache_url: a Redis (``redis://...``) to look outputs up in before computing them, for calls
             that carry keys; None: no cache.
         value_dtype: the ``cache.value_dtype`` setting.
+        probe: ``precision: auto``: the probe's keywords (:func:`mtkd.teachers.probe_options`).
 
     The device is the GPU Ray gave this actor (``num_gpus > 0`` in its options), else the CPU.
     Restarted by Ray when it dies (``max_restarts=-1``); calls in flight are retried on the new
@@ -65,7 +66,7 @@ class TeacherActor:
     """
 
     def __init__(self, source: dict, precision: str = "fp32", compile: bool = False, cache_url: str | None = None,
-                 value_dtype: str = "auto"):
+                 value_dtype: str = "auto", probe: dict | None = None):
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         if source.get("address"):
             from services.teacher_server.grpc_client import RemoteTeacher
@@ -75,7 +76,7 @@ class TeacherActor:
             self._infer = self.teacher.infer
         else:
             self.teacher = load_teacher(source["checkpoint"], source.get("name") or None, device=device,
-                                        precision=precision, compile=compile)
+                                        precision=precision, compile=compile, **(probe or {}))
             self._infer = self.teacher.infer_raw
         self.cache = None
         if cache_url:

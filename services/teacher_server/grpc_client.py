@@ -92,7 +92,7 @@ class RemoteTeacher:
                 others are None in the result.
 
         Returns:
-            ``Outputs(logits [B, C], embedding [B, D], feature [B, K, H, W])``, float32.
+            ``Outputs(logits [B, C] (or [B, C, h, w] from a dense teacher, ``describe()["logit_size"]``), embedding [B, D], feature [B, K, H, W])``, float32.
         """
         info = self.describe()
         request = teacher_pb2.InferRequest(

@@ -88,6 +88,7 @@ def teacher_info_to_proto(info: Mapping[str, Any], *, max_batch: int) -> teacher
             are not one finite value per input channel (std > 0).
     """
     _require_keys("teacher describe()", info, TEACHER_INFO_KEYS)
+    logit_size = _logit_size(info)
     return teacher_pb2.TeacherInfo(
         name=str(info["name"]),
         num_classes=int(info["num_classes"]),
@@ -99,13 +100,39 @@ def teacher_info_to_proto(info: Mapping[str, Any], *, max_batch: int) -> teacher
         model=str(info.get("model", "")),
         preprocessing=_preprocessing_to_proto(info),
         numerics=str(info.get("numerics") or ""),
+        logit_size=list(logit_size),
+        output_stride=int(info["input_shape"][1]) // logit_size[0] if logit_size else 0,
     )
+
+
+def _logit_size(info: Mapping[str, Any]) -> tuple[int, ...]:
+    """``describe()``'s ``logit_size``: ``()`` for a classifier (also when absent), ``(h, w)`` for a
+    dense teacher whose map divides the input evenly.
+
+    Raises:
+        ValueError: not ``()`` or two sizes >= 1 that divide the input's height and width by one stride.
+    """
+    size = tuple(int(s) for s in info.get("logit_size") or ())
+    if not size:
+        return ()
+    height, width = (int(d) for d in info["input_shape"][1:])
+    if len(size) != 2 or min(size) < 1 or height % size[0] or width % size[1] or height // size[0] != width // size[1]:
+        raise ValueError(f"teacher describe() has logit_size {size} for input {height}x{width}; expected () or "
+                         f"(h, w) with H/h = W/w a whole stride")
+    return size
 
 
 def teacher_info_from_proto(msg: teacher_pb2.TeacherInfo) -> dict[str, Any]:
     """The ``describe()`` dict of a teacher backend (``model`` and ``numerics`` "" if unknown;
-    ``mean`` and ``std`` tuples, None if the server knows no preprocessing), plus ``max_batch``."""
+    ``mean`` and ``std`` tuples, None if the server knows no preprocessing; ``logit_size`` ``()`` or
+    ``(h, w)``), plus ``max_batch`` and ``output_stride`` (0 for a classifier).
+
+    Raises:
+        InvalidMessage: ``logit_size`` is neither empty nor two sizes >= 1.
+    """
     known = msg.HasField("preprocessing")
+    if msg.logit_size and (len(msg.logit_size) != 2 or min(msg.logit_size) < 1):
+        raise InvalidMessage(f"TeacherInfo.logit_size is {list(msg.logit_size)}; expected [] or [h, w] with h, w >= 1")
     return {
         "name": msg.name,
         "model": msg.model,
@@ -117,7 +144,9 @@ def teacher_info_from_proto(msg: teacher_pb2.TeacherInfo) -> dict[str, Any]:
         "mean": tuple(msg.preprocessing.mean) if known else None,
         "std": tuple(msg.preprocessing.std) if known else None,
         "numerics": msg.numerics,
+        "logit_size": tuple(msg.logit_size),
         "max_batch": msg.max_batch,
+        "output_stride": msg.output_stride,
     }
 
 
@@ -163,7 +192,7 @@ def outputs_to_response(
     """Encode a backend's ``Outputs`` for a whole batch as one ``InferResponse``.
 
     Args:
-        outputs: ``Outputs(logits [B, C], embedding [B, D], feature [B, K, H, W])``.
+        outputs: ``Outputs(logits [B, C] or [B, C, h, w], embedding [B, D], feature [B, K, H, W])``.
         fields: Which outputs to include.
         half: Send them as float16.
         request_id: Echoed to the client.
@@ -278,14 +307,15 @@ def response_to_outputs(
     Args:
         msg: A whole-batch response (from ``Infer`` or :func:`join_response_chunks`).
         batch: B, the request's batch size.
-        info: The teacher's ``describe()`` dict (gives C, D and [K, H, W]).
+        info: The teacher's ``describe()`` dict (gives C, D, [K, H, W] and, for a dense teacher,
+            ``logit_size`` (h, w): logits ``[B, C, h, w]``).
         fields: The outputs requested; the others are None in the result.
 
     Raises:
         InvalidMessage: A requested output is missing, malformed or of a wrong shape.
     """
     shapes = {
-        "logits": (batch, info["num_classes"]),
+        "logits": (batch, info["num_classes"], *info.get("logit_size", ())),
         "embedding": (batch, info["embedding_dim"]),
         "feature": (batch, *info["feature_shape"]),
     }

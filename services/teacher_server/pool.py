@@ -15,6 +15,7 @@ import ray
 from mtkd.cache import cache_metrics
 from mtkd.config import ConfigError, ExperimentConfig, RuntimeConfig, TeacherSpec
 from mtkd.models import Outputs
+from mtkd.teachers import probe_options
 
 from .actor import TeacherActor, outputs_from_wire
 
@@ -58,7 +59,8 @@ def start_teacher_actors(config: ExperimentConfig, into: list[list], run_id: str
         options = replica_resources(spec, rt)
         for r in range(max(1, spec.replicas)):
             replicas.append(TeacherActor.options(name=f"mtkd-teacher-{t}-{r}-{run_id}", **options).remote(
-                source, rt.teacher_precision, rt.compile_teachers, cache_url, config.cache.value_dtype))
+                source, rt.teacher_precision, rt.compile_teachers, cache_url, config.cache.value_dtype,
+                probe_options(config)))
     return into
 
 

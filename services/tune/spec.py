@@ -44,6 +44,9 @@ _PER_SEARCH = "it is the same for every trial of a search; set it under experime
 FIXED_KEYS: dict[str, str] = {
     "teachers": _SHARED_POOL,
     "runtime.teacher_precision": _SHARED_POOL,
+    "runtime.probe_cache": _SHARED_POOL,
+    "runtime.probe_max_logit_kl": _SHARED_POOL,
+    "runtime.probe_max_feature_error": _SHARED_POOL,
     "runtime.compile_teachers": _SHARED_POOL,
     "runtime.teacher_num_cpus": _SHARED_POOL,
     "runtime.teacher_num_gpus": _SHARED_POOL,

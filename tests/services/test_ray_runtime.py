@@ -26,7 +26,7 @@ from mtkd.engine import NonFiniteLossError  # noqa: E402
 from mtkd.experiment import RunDirectory  # noqa: E402
 from services.learner.driver import run_ray  # noqa: E402
 
-from conftest import EQUIVALENCE, needs_fashion, small_experiment, step_losses  # noqa: E402
+from conftest import EQUIVALENCE, needs_fashion, seg_experiment, small_experiment, step_losses  # noqa: E402
 
 pytestmark = [needs_fashion, pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -304,3 +304,33 @@ def test_meta_rule_on_ray_equals_inprocess_and_resumes_exactly(tmp_path, teacher
     last = RunDirectory(ray_run).read(RunDirectory(ray_run).metrics_path)[-1]
     weights = [v for k, v in last.items() if k.startswith("weights/logit/")]
     assert max(abs(w - 1 / len(weights)) for w in weights) > 1e-3  # the agent moved the weights off aver
+
+
+def test_segmentation_on_ray_equals_inprocess_and_resumes_exactly(tmp_path, seg_teachers, single_thread):
+    """Per-region ``mtkd_rl`` with the reference agent (in its own actor, acting on the dense state
+    per cell), teacher 0 a Ray actor and teacher 1 served over gRPC by ``mtkd serve-teacher``: the
+    per-step losses equal the in-process engine's over the agent's updates, also across a resume."""
+    from mtkd.runner import run_inprocess
+
+    overrides = ["distill.strategy=mtkd_rl", "agent.rule=reference", "distill.region_grid=2", "agent.agent_step=3",
+                 "runtime.teacher_precision=fp32"]
+    run_inprocess(seg_experiment(tmp_path / "inprocess", seg_teachers, overrides, num_train=64), progress=False)
+    reference = step_losses(tmp_path / "inprocess")
+    port_file = tmp_path / "port"
+    server = start_server(["serve-teacher", seg_teachers[1]], port_file, {**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        def experiment():
+            config = seg_experiment(tmp_path / "ray_run", seg_teachers[:1], [*overrides, "runtime.runtime=ray"],
+                                    num_train=64)
+            config.teachers.append(TeacherSpec(address=f"127.0.0.1:{port_file.read_text()}"))
+            return config
+
+        run_ray(experiment(), stop_after_epoch=1, progress=False)
+        summary = run_ray(experiment(), resume=True, progress=False)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert summary["epochs"] == 2 and 0.0 <= summary["test_miou"] <= 1.0
+    assert_same_losses(step_losses(tmp_path / "ray_run"), reference, at_least=16)
+    last = RunDirectory(tmp_path / "ray_run").read(RunDirectory(tmp_path / "ray_run").metrics_path)[-1]
+    assert last["agent/version"] >= 2  # the agent actor updated its policy (every 3 steps from epoch 2 on)

@@ -24,7 +24,7 @@ class DescribeTeacherRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TeacherInfo(_message.Message):
-    __slots__ = ("name", "num_classes", "input_shape", "embedding_dim", "feature_shape", "weights_digest", "max_batch", "model", "preprocessing", "numerics")
+    __slots__ = ("name", "num_classes", "input_shape", "embedding_dim", "feature_shape", "weights_digest", "max_batch", "model", "preprocessing", "numerics", "logit_size", "output_stride")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class TeacherInfo(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
     NUMERICS_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_STRIDE_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_classes: int
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -45,7 +47,9 @@ class TeacherInfo(_message.Message):
     model: str
     preprocessing: Preprocessing
     numerics: str
-    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., embedding_dim: _Optional[int] = ..., feature_shape: _Optional[_Iterable[int]] = ..., weights_digest: _Optional[str] = ..., max_batch: _Optional[int] = ..., model: _Optional[str] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., numerics: _Optional[str] = ...) -> None: ...
+    logit_size: _containers.RepeatedScalarFieldContainer[int]
+    output_stride: int
+    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., embedding_dim: _Optional[int] = ..., feature_shape: _Optional[_Iterable[int]] = ..., weights_digest: _Optional[str] = ..., max_batch: _Optional[int] = ..., model: _Optional[str] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., numerics: _Optional[str] = ..., logit_size: _Optional[_Iterable[int]] = ..., output_stride: _Optional[int] = ...) -> None: ...
 
 class Preprocessing(_message.Message):
     __slots__ = ("mean", "std", "pixel_min", "pixel_max")
