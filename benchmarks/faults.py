@@ -16,6 +16,12 @@ before the last epoch's third step) plus up to half a second, then injects its f
   ``redis-server`` of the cache; Ray restarts actors and workers by itself and the run continues;
 * ``node_removal``: the cluster node hosting teacher 0 is removed (its raylet and workers killed);
   the teacher is restarted on the other node that offers its resource;
+* ``raylet_kill9`` / ``gcs_kill9`` / ``dashboard_agent_kill9``: SIGKILL to the private Ray's raylet,
+  its GCS (``gcs_server``) or its dashboard agent (``dashboard/agent.py``, ``ray::DashboardAgent``: the
+  raylet starts one even without the dashboard); Ray does not restart these, so the run is expected to
+  end with one line (``lost ...; continue with: mtkd distill --resume RUN``, exit 4), then resume. A run
+  still going :data:`RAY_FAULT_TIMEOUT_S` after such a fault counts as hung: it is killed (SIGKILL),
+  recorded as ``timeout``, then resumed;
 * ``unwritable``: the run folder is made read-only (``chmod -R a-w``; the run is started without
   ``CAP_DAC_OVERRIDE`` so that this binds root too), made writable again once the run has stopped
   (or after 30 s), then resumed if it stopped.
@@ -34,14 +40,19 @@ with the same command; at most twice. Each trial records:
 * ``checkpoints_lost``: checkpoints complete and valid just before the fault that are missing or
   fail their digests right after the run stopped or ended, unless pruning removed them (two newer
   valid checkpoints exist: the ``keep`` rule);
-* the exit code and last stderr line of each ``mtkd`` process.
+* the exit code and last stderr line of each ``mtkd`` process (``timeout``: killed as hung), and for
+  a run that stopped by itself (an exit code above 0) whether that line is the one line saying how to
+  go on (``one_line``: ``mtkd: error: lost ...; continue with: mtkd distill --resume RUN``, or
+  ``stopped after epoch N; continue with: ...``), not a Ray traceback or log line.
 
-Writes ``--out`` (JSON) and prints a markdown table.
+Writes ``--out`` (JSON) and prints a markdown table; ``--merge`` replaces only the trials of the faults
+run in an existing ``--out`` (the other faults' trials are kept) and recomputes its summary.
 
     .venv/bin/python benchmarks/faults.py                     # every fault, 3 trials each
     .venv/bin/python benchmarks/faults.py --quick             # CI: driver_kill9, 1 trial, 2 epochs of 4 steps
     .venv/bin/python benchmarks/faults.py --quick --faults driver_kill9,agent_kill9
     .venv/bin/python benchmarks/faults.py --faults agent_kill9,redis_kill9 --trials 5 --seed 3
+    .venv/bin/python benchmarks/faults.py --faults raylet_kill9,gcs_kill9,dashboard_agent_kill9 --merge
 """
 from __future__ import annotations
 
@@ -49,6 +60,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -66,9 +78,17 @@ STEPS_PER_EPOCH = 8  # --quick: 4
 EPOCHS = 3  # --quick: 2
 RUN_TIMEOUT_S = 300.0
 GRACE_S = 20.0  # how long processes may take to go after the run ended
+LINE_CHARS = 1000  # of a run's last stderr line kept (200 before the one-line check: such a line is not judged)
 UNWRITABLE_S = 30.0
+# a killed raylet or GCS is not restarted: the run should end by itself. Ray's own reconnection limit to
+# a lost GCS is 60 s (gcs_rpc_server_reconnect_timeout_s), so a run still going this long after is hung
+RAY_FAULT_TIMEOUT_S = 150.0
+RAY_FAULTS = ("raylet_kill9", "gcs_kill9", "dashboard_agent_kill9")
 FAULTS = ("driver_kill9", "driver_sigterm", "teacher_kill9", "agent_kill9", "learner_kill9", "redis_kill9",
-          "node_removal", "unwritable")
+          "node_removal", "unwritable", *RAY_FAULTS)
+# the last stderr line of a run that stopped by itself (a lost raylet: exit 4; an unwritable folder: 2; SIGTERM: 143)
+ONE_LINE = re.compile(r"^(mtkd: error: .+ |stopped )(after epoch \d+; continue with: mtkd distill --resume \S+|before "
+                      r"the first checkpoint; nothing to continue in \S+: run the same command again)$")
 QUICK_FAULTS = ("driver_kill9",)  # the CI test's budget (about a minute) holds three runs: reference, kill, resume
 # processes a cluster keeps for itself (not the run's): idle workers, the per-node agents, and Ray
 # Train's detached autoscaling coordinator (one per cluster, shared by its jobs); they end with the
@@ -187,10 +207,11 @@ class Launch:
     tracker: Tracker
     log: Path
     returncode: int | None = None
+    timed_out: bool = False
 
     def last_line(self) -> str:
         lines = [line for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
-        return lines[-1][:200] if lines else ""
+        return lines[-1][:LINE_CHARS] if lines else ""
 
 
 def launch(args: list[str], log: Path, prefix: list[str] = (), skip: set[int] = frozenset()) -> Launch:
@@ -211,6 +232,7 @@ def wait(run: Launch, timeout: float = RUN_TIMEOUT_S) -> int:
         run.tracker.poll()
         time.sleep(0.25)
     if run.proc.poll() is None:
+        run.timed_out = True
         run.proc.kill()
     run.returncode = run.proc.wait()
     return run.returncode
@@ -303,6 +325,29 @@ def kill_one(ctx: Context, prefix: str) -> str:
     return f"SIGKILL {prefix} pid {pid} (of {len(pids)})"
 
 
+def program(pid: int) -> str:
+    """What ``pid`` runs: its process title or executable, or the script after a ``python`` (only that:
+    the raylet's own arguments name the agents' command lines)."""
+    try:
+        argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return ""
+    if len(argv) > 1 and Path(argv[0].split(" ")[0]).name.startswith("python"):
+        scripts = [arg for arg in argv[1:] if arg.endswith(".py")]
+        return scripts[0] if scripts else argv[0]
+    return argv[0]
+
+
+def kill_ray_process(ctx: Context, what: str, pattern: str) -> str:
+    """SIGKILL the private Ray's process whose :func:`program` matches ``pattern`` (raylet, GCS, agent)."""
+    ctx.run.tracker.poll()
+    pids = sorted(pid for pid in ctx.run.tracker.alive() if re.search(pattern, program(pid)))
+    if not pids:
+        return f"no {what} process found"
+    os.kill(pids[0], signal.SIGKILL)
+    return f"SIGKILL {what} pid {pids[0]} (of {len(pids)})"
+
+
 def remove_teacher_node(ctx: Context) -> str:
     """Remove the cluster node whose raylet hosts teacher 0 (the one with ``teacher_node``)."""
     hosting = None
@@ -328,6 +373,10 @@ INJECT = {
     "agent_kill9": lambda ctx: kill_one(ctx, "ray::AgentBackend"),
     "learner_kill9": lambda ctx: kill_one(ctx, "ray::RayTrainWorker"),
     "redis_kill9": lambda ctx: kill_one(ctx, "/usr/bin/redis-server") if shutil.which("redis-server") else "",
+    "raylet_kill9": lambda ctx: kill_ray_process(ctx, "raylet", r"/raylet/raylet$"),
+    "gcs_kill9": lambda ctx: kill_ray_process(ctx, "gcs_server", r"/gcs/gcs_server$"),
+    "dashboard_agent_kill9": lambda ctx: kill_ray_process(ctx, "dashboard agent",
+                                                          r"^ray::DashboardAgent|/dashboard/agent\.py$"),
     "node_removal": remove_teacher_node,
     "unwritable": make_unwritable,
 }
@@ -384,7 +433,7 @@ def trial(fault: str, index: int, rng: random.Random, teacher_dirs: list[str], w
     if fault == "unwritable":
         _wait_until(runs[0], UNWRITABLE_S)
         subprocess.run(["chmod", "-R", "u+w", str(run_dir)], check=True)
-    wait(runs[0])
+    wait(runs[0], RAY_FAULT_TIMEOUT_S if fault in RAY_FAULTS and was_injected(record) else RUN_TIMEOUT_S)
     lost = set(lost_checkpoints(before, run_dir))
     while runs[-1].returncode != 0 and len(runs) < 3:
         resumable = bool(valid_checkpoints(run_dir)) and (run_dir / "config.yaml").is_file()
@@ -403,7 +452,9 @@ def trial(fault: str, index: int, rng: random.Random, teacher_dirs: list[str], w
     record.update({
         "seconds": round(time.time() - started, 1),
         "runs": [{"command": "resume" if "--resume" in r.args else "start", "exit": r.returncode,
-                  "last_line": r.last_line()} for r in runs],
+                  "last_line": r.last_line(), **({"timed_out": True} if r.timed_out else {}),
+                  **({"one_line": bool(ONE_LINE.match(r.last_line()))} if stopped(r.returncode, r.timed_out) else {})}
+                 for r in runs],
         "finished": ("direct" if len(runs) == 1 else "resumed") if finished else "no",
         "identical": finished and identical(student_state(run_dir), ref["state"]),
         "epochs_once": epochs_once(run_dir),
@@ -423,6 +474,21 @@ def _wait_until(run: Launch, seconds: float) -> None:
 
 
 # ------------------------------------------------------------------------------- report
+def stopped(code: int | None, timed_out: bool | None) -> bool:
+    """Whether a run stopped by itself, not done (exit 0) and not killed (by the fault or as hung)."""
+    return code is not None and code > 0 and not timed_out
+
+
+def one_line(run: dict) -> bool | None:
+    """Whether a run's last stderr line is the one line (:data:`ONE_LINE`); None when that cannot be told
+    (a line cut at 200 characters by an earlier version of this script that begins like one)."""
+    if "one_line" in run:
+        return run["one_line"]
+    if len(run["last_line"]) == 200 and run["last_line"].startswith(("mtkd: error: ", "stopped ")):
+        return None
+    return bool(ONE_LINE.match(run["last_line"]))
+
+
 def was_injected(trial: dict) -> bool:
     """Whether the trial's fault happened (its process was found, the run had not ended yet)."""
     return bool(trial["injected"]) and not trial["injected"].startswith(("not injected", "no "))
@@ -434,7 +500,10 @@ def summary_rows(trials: list[dict]) -> list[dict]:
     for fault in dict.fromkeys(t["fault"] for t in trials):
         mine = [t for t in trials if t["fault"] == fault]
         n = len(mine)
-        exits = sorted({"/".join(str(r["exit"]) for r in t["runs"]) for t in mine})
+        exits = sorted({"/".join("timeout" if r.get("timed_out") else str(r["exit"]) for r in t["runs"])
+                        for t in mine})
+        ended = [judged for t in mine for r in t["runs"] if stopped(r["exit"], r.get("timed_out"))
+                 for judged in [one_line(r)] if judged is not None]
         rows.append({
             "fault": fault, "trials": n,
             "injected": f"{sum(map(was_injected, mine))}/{n}",
@@ -445,22 +514,25 @@ def summary_rows(trials: list[dict]) -> list[dict]:
             "left_over": sum(len(t["left_over"]) for t in mine),
             "checkpoints_lost": sum(len(t["checkpoints_lost"]) for t in mine),
             "exits": ", ".join(exits),
+            "one_line": f"{sum(ended)}/{len(ended)}" if ended else "-",
         })
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     head = ["fault", "trials", "fault injected", "finished", "student bit-identical", "epochs once",
-            "processes left", "checkpoints lost", "exit codes (start/resume)"]
+            "processes left", "checkpoints lost", "exit codes (start/resume)", "stopped with the one line"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append(f"| {r['fault']} | {r['trials']} | {r['injected']} | {r['finished']} | {r['identical']} | "
-                     f"{r['epochs_once']} | {r['left_over']} | {r['checkpoints_lost']} | {r['exits']} |")
+                     f"{r['epochs_once']} | {r['left_over']} | {r['checkpoints_lost']} | {r['exits']} | "
+                     f"{r.get('one_line', '')} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the trials; write the JSON; print the table. Returns the results."""
+    global RAY_FAULT_TIMEOUT_S
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--faults", help=f"comma-separated, of {', '.join(FAULTS)} (default: all; --quick: "
                                          f"{', '.join(QUICK_FAULTS)})")
@@ -471,6 +543,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "faults.json"), help="JSON results")
     parser.add_argument("--teachers", help="two teacher folders, comma-separated (default: trained into --work)")
     parser.add_argument("--table", metavar="JSON", help="only print the table of an earlier --out file")
+    parser.add_argument("--ray-fault-timeout", type=float, default=RAY_FAULT_TIMEOUT_S, metavar="S",
+                        help=f"a run still going S seconds after a raylet/GCS/agent kill is hung: killed, recorded as "
+                             f"timeout (default {RAY_FAULT_TIMEOUT_S:g})")
+    parser.add_argument("--merge", action="store_true", help="keep the other faults' trials of an existing --out "
+                                                             "file; replace only those of the faults run")
     args = parser.parse_args(argv)
     if args.table:
         result = json.loads(Path(args.table).read_text())
@@ -482,6 +559,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown fault(s) {unknown}; valid: {', '.join(FAULTS)}")
     trials_per_fault = 1 if args.quick else args.trials
+    RAY_FAULT_TIMEOUT_S = args.ray_fault_timeout
     if args.quick:  # the smallest run with a checkpoint before the fault and an epoch after it
         global EPOCHS, STEPS_PER_EPOCH
         EPOCHS, STEPS_PER_EPOCH = 2, 4
@@ -506,11 +584,22 @@ def main(argv: list[str] | None = None) -> dict:
               "seed": args.seed, "trials_per_fault": trials_per_fault, "epochs": EPOCHS,
               "steps_per_epoch": STEPS_PER_EPOCH, "cpu": cpu_name(), "seconds": round(time.time() - started, 1),
               "reference": {k: v for k, v in ref.items() if k != "state"}, "summary": rows, "trials": trials}
+    if args.out and args.merge and Path(args.out).is_file():
+        result = merged(json.loads(Path(args.out).read_text()), result, faults)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(rows))
     return result
+
+
+def merged(earlier: dict, new: dict, faults: list[str]) -> dict:
+    """``earlier`` (an ``--out`` file) with its trials of ``faults`` replaced by ``new``'s, its summary
+    recomputed, and ``new``'s settings recorded under ``merged`` (the other keys are ``earlier``'s)."""
+    trials = [t for t in earlier["trials"] if t["fault"] not in faults] + new["trials"]
+    runs = [r for r in earlier.get("merged", []) if not set(r["faults"]) <= set(faults)]
+    runs.append({"faults": faults, **{k: v for k, v in new.items() if k not in ("summary", "trials")}})
+    return {**earlier, "summary": summary_rows(trials), "trials": trials, "merged": runs}
 
 
 def cpu_name() -> str:

@@ -28,7 +28,7 @@ after set-up, and the peak from the first training step on (VmHWM, reset through
 ``/proc/self/clear_refs`` after set-up): that peak minus the set-up memory is what training adds.
 
     .venv/bin/python benchmarks/step_time.py              # ~10 min on a quiet 2-core machine
-    .venv/bin/python benchmarks/step_time.py --quick      # 1-3 min, mostly 4 Ray runs' start-up (CI)
+    .venv/bin/python benchmarks/step_time.py --quick      # ~1 min, mostly 2 Ray runs' start-up (CI)
     .venv/bin/python benchmarks/step_time.py --teachers DIR DIR DIR --teacher-precision bf16
     .venv/bin/python benchmarks/step_time.py --rule reference   # mtkd_rl with the authors' agent rule
 
@@ -269,7 +269,8 @@ def time_settings(args, teacher_dirs: list[str], tmp: Path, base: list[str], def
     for setting in inproc.values():
         setting.epoch(record=False)  # warm-up epoch (mtkd_rl: the agent's warm-up)
 
-    ray_settings = [(f"ray_prefetch{p}_{s}", s, p) for p in (0, 1) for s in STRATEGIES]
+    prefetches = (1,) if args.quick else (0, 1)  # --quick: the default prefetch only (two Ray runs, not four)
+    ray_settings = [(f"ray_prefetch{p}_{s}", s, p) for p in prefetches for s in STRATEGIES]
     ray_times: dict[str, list[float]] = {label: [] for label, _, _ in ray_settings}
     ray_wall: dict[str, list[float]] = {label: [] for label, _, _ in ray_settings}
     started = ensure_ray(experiment(tmp / "probe", teacher_dirs, [*base, "runtime.runtime=ray"]))
@@ -301,9 +302,10 @@ def summary(times: dict[str, list[float]], ray_wall: dict[str, list[float]], mem
     report: dict = {}
     med = {label: median(values) for label, values in times.items()}
     ratios: dict[str, float] = {}
-    for prefix in ("inprocess_1thread", "inprocess_defaultthreads", "ray_prefetch0", "ray_prefetch1"):
+    prefetches = [p for p in (0, 1) if f"ray_prefetch{p}_aver" in med]  # --quick: 1 only
+    for prefix in ("inprocess_1thread", "inprocess_defaultthreads", *(f"ray_prefetch{p}" for p in prefetches)):
         ratios[f"{prefix}:mtkd_rl/aver"] = ratio(med[f"{prefix}_mtkd_rl"], med[f"{prefix}_aver"])
-    for prefetch in (0, 1):
+    for prefetch in prefetches:
         for strategy in STRATEGIES:
             ratios[f"ray_prefetch{prefetch}/inprocess_1thread:{strategy}"] = ratio(
                 med[f"ray_prefetch{prefetch}_{strategy}"], med[f"inprocess_1thread_{strategy}"])
@@ -378,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             "teacher_weights": "given checkpoints" if args.teacher_dirs else "untrained (seeded random weights)",
             "teacher_precision": args.teacher_precision, "batch_size": args.batch_size, "steps_per_epoch": args.steps,
             "data": "Fashion-MNIST train subset, augmented, seed 0",
-            "ray_runs": f"{args.rounds} round(s) x 4 settings, each 1 warm-up + {args.timed_epochs} timed epoch(s)",
+            "ray_runs": f"{args.rounds} round(s) x {2 if args.quick else 4} settings, each 1 warm-up + "
+                        f"{args.timed_epochs} timed epoch(s)",
             "equal_threads": "Ray workers run torch with 1 thread: compare Ray with inprocess_1thread",
         }
         report.update(run(args, teacher_dirs, tmp))

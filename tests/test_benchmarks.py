@@ -43,16 +43,16 @@ def test_step_time_quick():
     report = run_quick("step_time.py")
     times = report["seconds_per_step"]
     settings = {f"inprocess_{t}_{s}" for t in ("1thread", "defaultthreads") for s in ("aver", "mtkd_rl")}
-    settings |= {f"ray_prefetch{p}_{s}" for p in (0, 1) for s in ("aver", "mtkd_rl")}
+    settings |= {f"ray_prefetch1_{s}" for s in ("aver", "mtkd_rl")}  # --quick: prefetch 0 is not timed
     assert set(times) == settings
     assert all(positive(v) for v in times.values()), times
     for name, epochs in report["timed_epochs_seconds_per_step"].items():
         assert epochs and all(positive(v) for v in epochs), name
         assert close(statistics.median(epochs), times[name], 1e-3), name
     ratios = report["ratios"]
-    for prefix in ("inprocess_1thread", "inprocess_defaultthreads", "ray_prefetch0", "ray_prefetch1"):
+    for prefix in ("inprocess_1thread", "inprocess_defaultthreads", "ray_prefetch1"):
         assert close(ratios[f"{prefix}:mtkd_rl/aver"], times[f"{prefix}_mtkd_rl"] / times[f"{prefix}_aver"])
-    for p in (0, 1):
+    for p in (1,):
         for s in ("aver", "mtkd_rl"):
             assert close(ratios[f"ray_prefetch{p}/inprocess_1thread:{s}"],
                          times[f"ray_prefetch{p}_{s}"] / times[f"inprocess_1thread_{s}"])

@@ -34,6 +34,8 @@ from mtkd.data import (
 from mtkd.data.idx import FASHION_MNIST_ROOT, IMAGES_MAGIC, LABELS_MAGIC
 from mtkd.registry import UnknownNameError
 
+from test_seg_data import write_layout  # noqa: E402  (files in the standard segmentation layouts)
+
 RNG = np.random.default_rng(0)
 
 
@@ -138,6 +140,10 @@ SMOKE_BUILDERS = {
     "cifar100": lambda root: make_cifar_root(root, hundred=True) and {},
     "image_folder": lambda root: make_image_folder(root) and {"channels": 3},
     "canvases": lambda root: make_idx_root(root, gz=True, hw=(28, 28)) and {"num_canvases": 6, "size": 16},
+    "canvases_det": lambda root: make_idx_root(root, gz=True, hw=(28, 28)) and {"num_canvases": 6, "size": 16},
+    # read from files batch by batch (their own tests: tests/test_seg_data.py)
+    **{kind: (lambda kind: lambda root: write_layout(kind, root) and {"crop_size": [32, 64]})(kind)
+       for kind in ("cityscapes", "ade20k", "pascal_voc")},
 }
 
 
@@ -146,6 +152,14 @@ def test_every_registered_dataset_loads(name, tmp_path):
     assert name in SMOKE_BUILDERS, f"dataset {name!r} has no smoke builder in tests/test_data.py"
     kwargs = SMOKE_BUILDERS[name](tmp_path)
     train, test = train_test(name, str(tmp_path), **kwargs)
+    if not isinstance(train, ImageDataset):  # a file-backed or detection split: no in-memory tensors
+        assert len(train) > 0 and len(test) > 0 and train.name == name and train.task == test.task
+        assert test.mean == train.mean and len(train.mean) == train.image_shape[0] and test.digest != train.digest
+        batch = next(iter(BatchLoader(train, 2, augment=True)))
+        assert batch.images.dtype == torch.float32 and batch.images.shape[1:] == train.image_shape
+        label_shape = (train.max_objects, 5) if train.task == "detection" else train.image_shape[1:]
+        assert batch.labels.shape == (2, *label_shape)
+        return
     for ds, split in ((train, "train"), (test, "test")):
         assert (ds.name, ds.split) == (name, split)
         assert ds.images.dtype == torch.uint8 and ds.images.dim() == 4

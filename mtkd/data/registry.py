@@ -1,6 +1,9 @@
 """The dataset registry and the two entry points that use it.
 
-Every entry is a loader ``f(root=None, split="train", *, mean=None, std=None, **kwargs) -> ImageDataset``.
+Every entry is a loader ``f(root=None, split="train", *, mean=None, std=None, **kwargs)`` returning an
+in-memory ``ImageDataset``, or a split read from files batch by batch (``SegmentationFileSet``) or a
+detection split (``DetectionSet``): each has ``name``, ``split``, ``task``, ``num_classes``,
+``image_shape``, ``mean``/``std``, ``digest`` and ``subset``, and the batch loader takes them all.
 ``mean``/``std`` override the normalisation statistics (``train_test`` uses them to hand the
 train split's statistics to the test split without recomputing them).
 """

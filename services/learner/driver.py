@@ -35,7 +35,7 @@ from mtkd.checkpoint import CheckpointError, read_json, write_json
 from mtkd.config import ExperimentConfig, save_config, to_dict
 from mtkd.distill import STRATEGIES
 from mtkd.engine import PoolMismatchError, agent_kwargs, needs_agent_actor
-from mtkd.errors import RUN_ERRORS, UserError, error_class
+from mtkd.errors import RUN_ERRORS, LostError, UserError, error_class
 from mtkd.experiment import (RAY_RUN_FILE, RunDirectory, load_checkpoint, load_data, no_valid_checkpoint,
                              print_warning, write_checkpoint_folder)
 from mtkd.runner import KEEP_CHECKPOINTS, finish, plot_title, prepare_run_dir
@@ -44,11 +44,15 @@ from services.agent.actor import start_agent_actor
 from services.cache import open_store
 from services.learner.checkpoints import newest_in_storage, newest_valid, repair_snapshot, with_older
 from services.learner.events import EventWriter
-from services.learner.lost import lost_error
+from services.learner.lost import lost_error, private_ray_lost
 from services.teacher_server.pool import replica_resources, start_teacher_actors, stop_actors, teacher_source
 
 PLACEMENT_NOTE_AFTER_S = 30.0
 PLACEMENT_TIMEOUT_S = 600.0
+# how long fit may go on after the private Ray's raylet or GCS died: a run about to end may still end
+# (the learners report through their own connections), but this process's Ray client ends it without a
+# word 60 s after losing the GCS (gcs_rpc_server_reconnect_timeout_s)
+RAY_LOST_GRACE_S = 10.0
 log = logging.getLogger(__name__)
 
 
@@ -393,11 +397,17 @@ def run_ray(config: ExperimentConfig, resume: bool = False, stop_after_epoch: in
             raise lost_error(error) from error
 
 
-def fit(trainer: TorchTrainer):
+def fit(trainer: TorchTrainer, lost: Callable[[], str | None] | None = None):
     """``trainer.fit()`` in a helper thread, the main thread waiting: Ray Train registers its own
     SIGINT handler when fit runs on the main thread (it aborts the run, and fit then returns as if
     the run had ended), which would pre-empt this process's. Here SIGINT/SIGTERM reach the main
-    thread's handlers (``mtkd distill``: stop, clean up, say how to continue)."""
+    thread's handlers (``mtkd distill``: stop, clean up, say how to continue).
+
+    ``lost`` (:func:`services.learner.lost.private_ray_lost`) is asked while waiting: once it has named
+    a lost raylet or GCS of the private Ray for :data:`RAY_LOST_GRACE_S` and fit has not ended, the
+    wait ends with a :class:`mtkd.errors.LostError` naming it (Ray restores neither; fit would
+    otherwise wait on a Ray that no longer answers, or this process's Ray client end it without a
+    word when it gives up on the GCS)."""
     outcome: dict = {}
 
     def target() -> None:
@@ -408,8 +418,13 @@ def fit(trainer: TorchTrainer):
 
     thread = threading.Thread(target=target, name="mtkd-train-fit", daemon=True)
     thread.start()
+    lost_since = None
     while thread.is_alive():
         thread.join(0.2)
+        what = lost() if lost is not None and thread.is_alive() else None
+        lost_since = (lost_since or time.monotonic()) if what else None
+        if what and time.monotonic() - lost_since >= RAY_LOST_GRACE_S:
+            raise LostError(what)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
@@ -444,17 +459,25 @@ def _run(config: ExperimentConfig, run: RunDirectory, storage: str, name: str, s
         )
         with EventWriter(events, run, config.optim.epochs, plot_title(config), progress) as writer:
             try:
-                result = fit(trainer)
+                result = fit(trainer, private_ray_lost if link.started else None)
             except Exception as error:  # TrainingFailedError after the allowed restarts
                 raise worker_error(error) from error
         if result.return_value and "error" in result.return_value:
             raise_run_error(result.return_value["error"])
         return summarise(config, run, result, train_set, descriptions, writer.history)
+    except Exception as error:  # the private Ray's raylet or GCS lost: that is what the run lost, whatever Ray raised
+        what = private_ray_lost() if link.started else None
+        if what and not (isinstance(error, LostError) and str(error) == what):
+            raise LostError(what) from error
+        raise
     finally:
-        stop_actors(teacher_handles)
-        for actor in (agent, getattr(events, "actor", None)):
-            if actor is not None:
-                ray.kill(actor)
+        # with the private Ray's raylet or GCS gone, its actors went with it (or go with ray.shutdown), and
+        # killing them would wait on a GCS that no longer answers
+        if not (link.started and private_ray_lost()):
+            stop_actors(teacher_handles)
+            for actor in (agent, getattr(events, "actor", None)):
+                if actor is not None:
+                    ray.kill(actor)
         if link.started:
             ray.shutdown()
 

@@ -10,6 +10,8 @@ the command that continues the run.
 from __future__ import annotations
 
 import re
+import signal
+from pathlib import Path
 from typing import Iterator
 
 from ray.exceptions import (GetTimeoutError, LocalRayletDiedError, NodeDiedError, ObjectLostError, OwnerDiedError,
@@ -94,6 +96,48 @@ def lost_what(error: BaseException) -> str | None:
     return None
 
 
+# the private Ray's processes this process started, root cause first: a lost GCS ends its raylet 60 s later
+RAY_PROCESSES = (("gcs_server", "the GCS"), ("raylet", "the raylet"))
+
+
+def private_ray_lost() -> str | None:
+    """The raylet or GCS of the private Ray this process started (``ray.init`` without a cluster) that
+    is no longer running, named with how it ended (``the raylet of the private Ray (pid 123, killed
+    by SIGKILL)``; a raylet that ended because one of its agents died says which), or None: they all
+    run, or this process started no Ray (a joined cluster's processes are not this process's). Ray
+    restarts neither, and what runs on the node dies with its raylet."""
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    processes = getattr(node, "all_processes", None) or {}
+    for kind, label in RAY_PROCESSES:
+        for info in list(processes.get(kind, [])):
+            process = getattr(info, "process", None)
+            code = process.poll() if process is not None else None
+            if code is None:
+                continue
+            try:
+                how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+            agent = _failed_agent(node) if kind == "raylet" and code >= 0 else None
+            return f"{label} of the private Ray (pid {process.pid}, {how}" + (f": its {agent} died)" if agent else ")")
+    return None
+
+
+def _failed_agent(node) -> str | None:
+    """The agent whose death ended the raylet, from the raylet's log (``dashboard agent``), or None."""
+    try:
+        path = Path(node.get_logs_dir_path()) / "raylet.out"
+        with path.open("rb") as handle:
+            handle.seek(max(0, path.stat().st_size - 65536))
+            tail = handle.read().decode(errors="replace")
+    except (OSError, AttributeError):
+        return None
+    found = re.findall(r"one Ray agent failed, agent_name = (\w+)", tail)
+    return found[-1].replace("_", " ") if found else None
+
+
 def lost_error(error: BaseException) -> BaseException:
     """A :class:`mtkd.errors.LostError` naming what ``error`` lost; else the ``OSError`` it wraps
     of storage that cannot be written (a read-only run folder: ``mtkd distill`` says so in one
@@ -107,4 +151,4 @@ def lost_error(error: BaseException) -> BaseException:
     return error
 
 
-__all__ = ["causes", "lost_error", "lost_what"]
+__all__ = ["causes", "lost_error", "lost_what", "private_ray_lost"]
