@@ -309,8 +309,10 @@ class RuntimeConfig:
     prefetch: int = 1
     """Batches whose teacher outputs are requested ahead of the one being trained (0: none)."""
     half_precision: bool = False
-    """Move fp32 teacher outputs in float16 (half the bytes, not bit-exact with the in-process engine).
-    Outputs of bf16/fp16 teachers always travel in their own 16-bit format (lossless)."""
+    """Move fp32 teacher outputs in float16 (half the bytes, not bit-exact with the in-process engine):
+    from the teacher actors to the learners, and from a gRPC teacher server to its actor (outputs put
+    in the cache are the teacher's own). Outputs of bf16/fp16 teachers always travel in their own
+    16-bit format (lossless) between actors and learners."""
     teacher_num_cpus: float = 0.5
     """Ray CPUs per teacher replica unless the teacher says otherwise (fractional)."""
     teacher_num_gpus: float = 0.0

@@ -68,7 +68,8 @@ class TeacherActor:
     def __init__(self, source: dict, precision: str = "fp32", compile: bool = False, cache_url: str | None = None,
                  value_dtype: str = "auto", probe: dict | None = None):
         device = "cuda" if ray.get_gpu_ids() else "cpu"
-        if source.get("address"):
+        self.remote = bool(source.get("address"))
+        if self.remote:
             from services.teacher_server.grpc_client import RemoteTeacher
 
             self.teacher = RemoteTeacher(source["address"], token=source.get("token"),
@@ -99,11 +100,15 @@ class TeacherActor:
         """
         self.calls += 1
 
-        def compute() -> Outputs:
-            return self._infer(torch.from_numpy(np.array(images, copy=True)))
+        def compute(half_wire: bool = False) -> Outputs:
+            batch = torch.from_numpy(np.array(images, copy=True))
+            if self.remote:  # a teacher served over gRPC: float16 on that wire too when asked
+                return self.teacher.infer(batch, half_precision=half_wire)
+            return self._infer(batch)
 
         if keys is None or self.cache is None:
-            return outputs_to_wire(compute(), fields, half)
+            return outputs_to_wire(compute(half), fields, half)
+        # what goes into the cache is the teacher's own numbers (a later run may not ask for half)
         wire = outputs_to_wire(self.cache.outputs(keys, compute), fields, half)
         wire["cache"] = self.cache.take_stats()
         return wire

@@ -80,7 +80,8 @@ class RemoteTeacher:
             self._info = teacher_info_from_proto(reply)
         return dict(self._info)
 
-    def infer(self, images: torch.Tensor, *, fields: Sequence[str] | None = None) -> Outputs:
+    def infer(self, images: torch.Tensor, *, fields: Sequence[str] | None = None,
+              half_precision: bool | None = None) -> Outputs:
         """Teacher outputs for a batch.
 
         Args:
@@ -90,15 +91,17 @@ class RemoteTeacher:
                 images already normalised with ``describe()``'s ``mean``/``std``.
             fields: Outputs wanted (names of ``Outputs`` fields); None: all. The
                 others are None in the result.
+            half_precision: this call's float16 on the wire (None: the client's setting).
 
         Returns:
             ``Outputs(logits [B, C] (or [B, C, h, w] from a dense teacher, ``describe()["logit_size"]``), embedding [B, D], feature [B, K, H, W])``, float32.
         """
         info = self.describe()
+        half = self.half_precision if half_precision is None else bool(half_precision)
         request = teacher_pb2.InferRequest(
-            images=tensor_to_proto(images, half=self.half_precision),
+            images=tensor_to_proto(images, half=half),
             fields=fields_to_proto(fields),
-            half_precision=self.half_precision,
+            half_precision=half,
             request_id=uuid.uuid4().hex,
             max_chunk_bytes=self.max_chunk_bytes,
         )

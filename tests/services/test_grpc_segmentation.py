@@ -121,3 +121,14 @@ def test_a_response_of_another_logit_shape_is_refused(teacher):
         response_to_outputs(classifier_shaped, batch=2, info=info, fields=["logits"])
     with pytest.raises(ValueError, match="logit_size"):
         teacher_info_to_proto({**info, "logit_size": (5, 6)}, max_batch=4)  # 48/5 is no whole stride
+
+
+def test_half_precision_can_be_asked_per_call(address, teacher):
+    """What a teacher actor does for a run with ``runtime.half_precision``: float16 on the gRPC wire for
+    that call, whatever the client was built with."""
+    x = pixels(4)
+    exact = teacher.infer(normalised(x)).logits
+    with RemoteTeacher(address) as remote:
+        assert torch.equal(remote.infer(x, fields=["logits"]).logits, exact)
+        half = remote.infer(x, fields=["logits"], half_precision=True).logits
+    assert torch.all((half - exact).abs() <= exact.abs() * 2**-11 + 2**-24) and not torch.equal(half, exact)
