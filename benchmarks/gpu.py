@@ -52,7 +52,6 @@ import contextlib
 import copy
 import ctypes
 import json
-import platform
 import statistics
 import sys
 import time
@@ -62,7 +61,7 @@ import torch
 
 from mtkd.config import ExperimentConfig, load_config
 from mtkd.data.loader import Batch
-from mtkd.devices import resolve_device
+from mtkd.devices import device_name, resolve_device
 from mtkd.engine import Distiller
 from mtkd.models import create_model
 from mtkd.teachers import LocalTeacherPool, Teacher
@@ -289,17 +288,6 @@ def profile_step(run: Run, device: torch.device, rows: int) -> dict[str, str]:
     next(pairs, None)
     return {name: prof.key_averages().table(sort_by=key, row_limit=rows)
             for name, prof in (("teachers", teachers), ("student_step", student))}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 # -------------------------------------------------------------------------------------- main

@@ -41,7 +41,7 @@ from mtkd.config_loader import apply_overrides, from_dict  # noqa: E402
 from mtkd.session import Session  # noqa: E402
 from mtkd.teacher_training import train_teacher  # noqa: E402
 from mtkd.teachers import LocalTeacherPool, load_teacher  # noqa: E402
-from gpu import device_name  # noqa: E402  (the CPU's model name, for the report)
+from mtkd.devices import device_name  # noqa: E402  (the CPU's model name, for the report)
 from weighting import paired  # noqa: E402  (mean paired difference with its exact 95% t-interval)
 
 TEACHERS = ("deeplabv3_resnet20", "lraspp_mobilenetv2", "fcn_vgg8")

@@ -113,6 +113,21 @@ def memory_format(precision: str) -> torch.memory_format:
     return torch.contiguous_format if precision == "fp32" else torch.channels_last
 
 
+def device_name(device: torch.device) -> str:
+    """What a speed figure was measured on: the GPU's name, else the CPU's model name
+    (``/proc/cpuinfo``; the platform's processor elsewhere, or ``cpu``)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or "cpu"
+
+
 def numerics_tag(device: torch.device, precision: str, variant: str = "") -> str:
     """How outputs are computed: device kind (the GPU's name on CUDA), precision, an optional variant
     of the computation (``foldbn``: batch-norm folded into the convolutions; ``compiled``...) and torch

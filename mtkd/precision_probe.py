@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtkd.devices import runs_natively
+from mtkd.devices import device_name, runs_natively
 
 PROBE_VERSION = 1
 """Bumped when the probe's measurement changes, so that older decisions are not reused."""
@@ -166,18 +166,8 @@ def probe_key(meta: dict, device: torch.device, batch: int, threads: int, settin
 
 
 def device_description(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name (``/proc/cpuinfo``; the platform's processor otherwise)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return "cpu: " + line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return "cpu: " + (platform.processor() or platform.machine())
+    """The GPU's name, or ``cpu: `` and the CPU's model name (:func:`mtkd.devices.device_name`)."""
+    return device_name(device) if device.type == "cuda" else "cpu: " + device_name(device)
 
 
 def probe_teacher(model: nn.Module, meta: dict, device: torch.device, batch: int, *, threads: int | None = None,
@@ -201,9 +191,7 @@ def probe_teacher(model: nn.Module, meta: dict, device: torch.device, batch: int
     from mtkd.teachers import Teacher  # teachers imports this module
 
     threads = threads or torch.get_num_threads()
-    settings = list(settings or candidates(device))
-    if EXACT not in settings:
-        settings.insert(0, EXACT)
+    settings = with_exact(settings, device)
     began = time.perf_counter()
     images = torch.randn(batch, *meta["input_shape"], generator=torch.Generator().manual_seed(0))
     trials, reference, fastest = [], None, None
@@ -295,16 +283,22 @@ class ProbeCache:
             pass
 
 
+def with_exact(settings: list[Setting] | None, device: torch.device) -> list[Setting]:
+    """``settings`` (default :func:`candidates`) with exact fp32 first: it is always measured, first,
+    as the reference the others are compared with."""
+    settings = list(settings or candidates(device))
+    return settings if settings and settings[0] == EXACT else [EXACT, *(s for s in settings if s != EXACT)]
+
+
 def choose_setting(model: nn.Module, meta: dict, device: torch.device, batch: int, *,
                    cache: ProbeCache | None = None, bounds: Bounds = Bounds(),
-                   settings: list[Setting] | None = None) -> ProbeReport:
-    """The cached decision for this teacher on this machine, else a new probe (then stored)."""
+                   settings: list[Setting] | None = None, fresh: bool = False) -> ProbeReport:
+    """The cached decision for this teacher on this machine, else (or with ``fresh``) a new probe,
+    then stored."""
     cache = cache or ProbeCache()
-    settings = list(settings or candidates(device))
-    if EXACT not in settings:
-        settings.insert(0, EXACT)
+    settings = with_exact(settings, device)
     key = probe_key(meta, device, batch, torch.get_num_threads(), settings, bounds)
-    found = cache.get(key)
+    found = None if fresh else cache.get(key)
     if found is not None:
         return found
     report = probe_teacher(model, meta, device, batch, settings=settings, bounds=bounds)
@@ -335,15 +329,8 @@ def probe_pool(config, *, fresh: bool = False) -> tuple[list[tuple[str, ProbeRep
         if rt.teacher_precision != "auto":
             rows.append((name, None, f"{rt.teacher_precision} (fixed by runtime.teacher_precision)"))
             continue
-        cache = ProbeCache(options["probe_cache"])
-        settings = [EXACT, *[s for s in candidates(device) if s != EXACT]]
-        key = probe_key(meta, device, options["probe_batch"], torch.get_num_threads(), settings,
-                        options["probe_bounds"])
-        report = None if fresh else cache.get(key)
-        if report is None:
-            report = probe_teacher(model, meta, device, options["probe_batch"], bounds=options["probe_bounds"],
-                                   settings=settings)
-            cache.put(report)
+        report = choose_setting(model, meta, device, options["probe_batch"], cache=ProbeCache(options["probe_cache"]),
+                                bounds=options["probe_bounds"], fresh=fresh)
         rows.append((name, report, report.chosen))
     return rows, format_table(rows, device, options["probe_batch"])
 
