@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from mtkd.models.segmentation.outputs import upsample_logits
 
 __all__ = [
-    "CellValues", "cell_mean", "cwd_cells", "cwd_loss", "dense_feature_mse", "dense_feature_mse_cells", "downsample_labels",
+    "CellValues", "cell_ids", "cell_mean", "cwd_cells", "cwd_loss", "dense_feature_mse", "dense_feature_mse_cells", "downsample_labels",
     "pixel_ce", "pixel_ce_cells", "pixel_ce_map", "pixel_kd_kl", "pixel_kd_kl_cells", "pixel_kd_kl_map",
     "resize_logits", "valid_mask",
 ]
@@ -146,6 +146,15 @@ def _cell_matrix(n: int, grid: int, dtype: torch.dtype, device: torch.device) ->
     k = torch.arange(n, device=device)
     member = (k[None, :] >= bounds[:-1, None]) & (k[None, :] < bounds[1:, None])
     return member.to(dtype)
+
+
+def cell_ids(height: int, width: int, grid: int, device: torch.device | None = None) -> torch.Tensor:
+    """``[h, w]`` int64: the cell ``gy * G + gx`` of each pixel of an ``h x w`` map; cell row ``gy``
+    covers rows ``floor(gy*h/G) .. floor((gy+1)*h/G) - 1`` (columns alike), as the per-cell losses."""
+    # the membership matrices of the per-cell losses ([G, n], one 1 per column): one partition for both
+    gy = _cell_matrix(height, grid, torch.float32, device).argmax(0)
+    gx = _cell_matrix(width, grid, torch.float32, device).argmax(0)
+    return gy[:, None] * grid + gx[None, :]
 
 
 def _cell_sum(x: torch.Tensor, grid: int) -> torch.Tensor:
@@ -277,9 +286,7 @@ def cwd_cells(student_map: torch.Tensor, teacher_map: torch.Tensor, T: float, gr
     if grid > min(height, width):
         raise ValueError(f"cwd per cell: a {grid}x{grid} grid over a {height}x{width} map leaves empty cells; "
                          f"expected distill.region_grid <= {min(height, width)}")
-    rows = _cell_matrix(height, grid, torch.float32, student_map.device).argmax(0)
-    cols = _cell_matrix(width, grid, torch.float32, student_map.device).argmax(0)
-    cell = (rows[:, None] * grid + cols[None, :]).flatten()  # [h*w]
+    cell = cell_ids(height, width, grid, student_map.device).flatten()  # [h*w]
     student_flat, teacher_flat = student_map.flatten(2) / T, teacher_map.flatten(2) / T  # [B, K, h*w]
     values, counts = [], []
     for g in range(grid * grid):

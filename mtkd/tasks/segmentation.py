@@ -19,7 +19,7 @@ from torch import nn
 
 from mtkd.dense_metrics import SegmentationMeter
 from mtkd.devices import autocast
-from mtkd.distill.dense_losses import (_cell_matrix, _masked_image_mean, cell_mean, cwd_cells, cwd_loss,
+from mtkd.distill.dense_losses import (_masked_image_mean, cell_ids, cell_mean, cwd_cells, cwd_loss,
                                        dense_feature_mse, dense_feature_mse_cells, downsample_labels, pixel_ce_map,
                                        pixel_kd_kl, pixel_kd_kl_cells, resize_logits)
 from mtkd.distill.dense_state import dense_agent_state
@@ -31,15 +31,6 @@ from mtkd.models.segmentation.outputs import upsample_logits
 from mtkd.tasks.base import DistillTerms, StudentTerms, Task
 
 IGNORE_INDEX = 255
-
-
-def cell_ids(height: int, width: int, grid: int, device: torch.device | None = None) -> torch.Tensor:
-    """``[h, w]`` int64: the cell ``gy * G + gx`` of each pixel of an ``h x w`` map; cell row ``gy``
-    covers rows ``floor(gy*h/G) .. floor((gy+1)*h/G) - 1`` (columns alike), as the per-cell losses."""
-    # the membership matrices of the per-cell losses ([G, n], one 1 per column): one partition for both
-    gy = _cell_matrix(height, grid, torch.float32, device).argmax(0)
-    gx = _cell_matrix(width, grid, torch.float32, device).argmax(0)
-    return gy[:, None] * grid + gx[None, :]
 
 
 class SegmentationTask(Task):
