@@ -20,11 +20,11 @@ $(STAMPS)/apt:
 
 $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS)
-	@echo "[setup] python venv in .venv and pip install -e .[service,test]"
+	@echo "[setup] python venv in .venv and pip install -e .[service,tracking,test]"
 	@[ -x $(PY) ] || python3 -m venv .venv
 	@$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	@# setuptools' notice about editable installs is information only: silenced at its source
-	@PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e '.[service,test]' 2>&1 \
+	@PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e '.[service,tracking,test]' 2>&1 \
 	  | grep -v "^WARNING: Location" || true
 	@$(PY) -c "import mtkd, torch, ray, grpc" || { echo "[setup] install failed"; exit 1; }
 	@touch $@
@@ -33,7 +33,7 @@ demo: setup
 	.venv/bin/mtkd demo
 
 test: setup
-	$(PY) -m pytest -q -ra --durations=25
+	$(PY) -m pytest -q -ra --durations=25 -n 2 --dist loadscope
 
 # Skips the slow end-to-end and Ray tests (gRPC servers and redis-server on loopback still run).
 test-fast: setup

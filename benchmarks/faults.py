@@ -88,7 +88,9 @@ FAULTS = ("driver_kill9", "driver_sigterm", "teacher_kill9", "agent_kill9", "lea
           "node_removal", "unwritable", *RAY_FAULTS)
 # the last stderr line of a run that stopped by itself (a lost raylet: exit 4; an unwritable folder: 2; SIGTERM: 143)
 ONE_LINE = re.compile(r"^(mtkd: error: .+ |stopped )(after epoch \d+; continue with: mtkd distill --resume \S+|before "
-                      r"the first checkpoint; nothing to continue in \S+: run the same command again)$")
+                      r"the first checkpoint; nothing to continue in \S+: run the same command again)$"
+                      # said by the watchdog when Ray itself ended the command (it cannot read the checkpoints)
+                      r"|^mtkd: error: lost the raylet of the private Ray \(.+\); continue with: mtkd distill --resume \S+$")
 QUICK_FAULTS = ("driver_kill9",)  # the CI test's budget (about a minute) holds three runs: reference, kill, resume
 # processes a cluster keeps for itself (not the run's): idle workers, the per-node agents, and Ray
 # Train's detached autoscaling coordinator (one per cluster, shared by its jobs); they end with the

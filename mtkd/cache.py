@@ -148,7 +148,12 @@ def sample_keys(teacher_digest: str, dataset_digest: str, numerics: str, value_d
 class OutputLayout:
     """The per-sample shapes of a teacher's outputs: ``logits [C, *logit_size]`` (``logit_size`` ``()``
     for a classifier, ``(h, w)`` for a dense logit map at the network's own stride), ``embedding [D]``,
-    ``feature [K, H, W]``."""
+    ``feature [K, H, W]``.
+
+    ``num_classes`` is C, the logits' channels (:attr:`logit_channels`): the class count of a
+    classifier or segmentation network, ``K + 4`` for a CenterNet detector of K classes (heatmaps,
+    box size and offset). The field keeps its name so that layouts compare and print as before.
+    """
 
     num_classes: int
     embedding_dim: int
@@ -167,9 +172,16 @@ class OutputLayout:
 
     @classmethod
     def from_description(cls, description: Mapping) -> "OutputLayout":
-        """From a teacher's ``describe()`` (``num_classes``, ``embedding_dim``, ``feature_shape``)."""
-        return cls(int(description["num_classes"]), int(description["embedding_dim"]),
+        """From a teacher's ``describe()`` (``logit_channels``, or ``num_classes`` when it has none,
+        ``embedding_dim``, ``feature_shape``, ``logit_size``)."""
+        channels = description.get("logit_channels")
+        return cls(int(description["num_classes"] if channels is None else channels), int(description["embedding_dim"]),
                    tuple(description["feature_shape"]), tuple(description.get("logit_size", ())))
+
+    @property
+    def logit_channels(self) -> int:
+        """C, the channels of ``logits`` (``num_classes``; ``K + 4`` for a detector)."""
+        return self.num_classes
 
     @classmethod
     def of(cls, outputs: Outputs) -> "OutputLayout":

@@ -139,8 +139,10 @@ def cmd_distill_inprocess(args: argparse.Namespace) -> dict:
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
-    """Print what ``teacher_precision: auto`` does for the config's teachers on this machine: per
-    teacher and setting, ms per batch and agreement with exact fp32, and the setting used."""
+    """Print what ``auto`` does for the config on this machine: per teacher and setting, ms per batch
+    and agreement with exact fp32, and the setting used; the student's row (a training step, when
+    ``student_precision`` is auto); and what ``compile_teachers: auto`` would do for each teacher
+    (nothing is compiled or trained)."""
     from mtkd.precision_probe import probe_pool
 
     config = load_experiment(args)
@@ -174,8 +176,9 @@ def build_parser(distill: Callable[[argparse.Namespace], dict] = cmd_distill_inp
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=distill)
 
-    p = sub.add_parser("probe", help="time each teacher's settings (fp32, channels_last, bf16...) as "
-                                     "teacher_precision auto does, and print what it will use; no training")
+    p = sub.add_parser("probe", help="time each teacher's and the student's settings (fp32, channels_last, "
+                                     "bf16...) as the auto settings do, say what compile_teachers auto would do, "
+                                     "and print what the run will use; no training")
     add_config_args(p)
     p.add_argument("--fresh", action="store_true", help="measure again instead of reading the cached decisions")
     p.set_defaults(func=cmd_probe)

@@ -16,15 +16,17 @@ from __future__ import annotations
 import re
 import inspect
 from dataclasses import dataclass, field
+from typing import Any
 
 from mtkd.config_checks import (ConfigError, amounts, at_least, check_device, choice, in_range, is_number, one_of,
                                 optional_at_least, registered)
 from mtkd.config_loader import apply_overrides, from_dict, load_config, read_yaml, save_config, to_dict
 
 __all__ = [
-    "AgentConfig", "CacheConfig", "ConfigError", "DataConfig", "DistillConfig", "ExperimentConfig", "OptimConfig",
-    "RuntimeConfig", "TeacherSpec", "TeacherTrainConfig", "apply_overrides", "check_device", "check_runnable",
-    "from_dict", "load_config", "read_yaml", "save_config", "to_dict",
+    "AgentConfig", "CacheConfig", "ConfigError", "DataConfig", "DistillConfig", "ExperimentConfig", "MlflowConfig",
+    "OptimConfig", "RuntimeConfig", "TeacherSpec", "TeacherTrainConfig", "TensorboardConfig", "TrackingConfig",
+    "apply_overrides", "check_device", "check_runnable", "from_dict", "load_config", "read_yaml", "save_config",
+    "to_dict",
 ]
 
 RUNTIMES = ("ray", "inprocess")
@@ -295,9 +297,16 @@ class RuntimeConfig:
     probe_max_feature_error: float = 0.05
     """teacher_precision auto: the largest relative error of the feature map against fp32 allowed."""
     student_precision: str = "fp32"
-    """Student forward/backward: fp32 or bf16 (autocast; the losses are computed in fp32)."""
-    compile_teachers: bool = False
-    """Compile teacher models with ``torch.compile`` (slow to start; see docs/results.md for when it pays)."""
+    """Student forward/backward: fp32 (exact, the default), bf16 (autocast and channels_last; fp32
+    master weights, the losses computed in fp32), or auto: a few training steps of the student timed
+    at the start in fp32, fp32 channels_last and bf16 (where the device runs it natively), the
+    fastest whose logits and features agree with fp32 (the probe_* bounds) used; cached like the
+    teachers' decisions."""
+    compile_teachers: Any = False
+    """Compile teacher models with ``torch.compile``: false (default), true, or auto: compile a
+    teacher when the run's teacher calls (epochs x batches per epoch) exceed its measured compile
+    time over its measured saving per call (measured once and cached with the probe's decisions; a
+    run too short for even a 10% saving to repay a 120 s compile does not measure)."""
     num_learners: int = 1
     """Ray Train workers training the student together (DistributedDataParallel)."""
     learner_num_cpus: float = 1.0
@@ -323,6 +332,20 @@ class RuntimeConfig:
     max_failures: int = 2
     """Ray runtime: restarts of the learners from their newest checkpoint after a worker or node
     failure (-1: unlimited). Errors in the run itself (a NaN loss, a bad checkpoint) never restart."""
+    teacher_max_restarts: int = 3
+    """Ray runtime: how many times Ray restarts a teacher replica whose process died (killed, crashed,
+    its node lost); past them a call on it ends the run in one line naming the teacher and the batch.
+    Unlimited (-1) is refused: a batch that crashes its teacher would loop."""
+    teacher_max_task_retries: int = 3
+    """Ray runtime: how many times a call in flight on a teacher replica that died is sent again to its
+    next incarnation (inference is a pure function of the batch, so a retry is safe)."""
+    placement_timeout_s: float = 600.0
+    """Ray runtime: how long the driver waits for the teacher replicas' placement group (all replicas
+    placed or none) and then for the teachers to load; past it the run exits 2 naming what is missing."""
+    metrics_export_port: int | None = None
+    """A private local Ray: the port its metrics agent serves Prometheus metrics on (``/metrics``; mtkd's
+    own are listed in docs/distributed.md). None: a free port Ray picks. A joined cluster's nodes keep
+    theirs (``ray start --metrics-export-port``)."""
     agent_buffer_mb: float = 512.0
     """The most memory the agent's experience buffer may hold (``agent_step`` batches of states); a
     config that would exceed it is refused at start-up."""
@@ -335,7 +358,12 @@ class RuntimeConfig:
         choice("runtime.teacher_precision", self.teacher_precision, ("auto", *PRECISIONS))
         at_least("runtime.probe_max_logit_kl", self.probe_max_logit_kl, 0)
         at_least("runtime.probe_max_feature_error", self.probe_max_feature_error, 0)
-        choice("runtime.student_precision", self.student_precision, ("fp32", "bf16"))
+        choice("runtime.student_precision", self.student_precision, ("auto", "fp32", "bf16"))
+        if self.student_precision == "auto" and is_number(self.num_learners) and self.num_learners > 1:
+            raise ConfigError(f"runtime.student_precision: auto probes on each learner, and {self.num_learners} learners "
+                              f"could choose differently (their parameters must stay equal); expected fp32 or bf16")
+        if not isinstance(self.compile_teachers, bool) and self.compile_teachers != "auto":
+            raise ConfigError(f"runtime.compile_teachers: expected true, false or auto, got {self.compile_teachers!r}")
         several = is_number(self.num_learners) and self.num_learners > 1
         if self.sync_batchnorm is True and self.device == "cpu" and several:
             raise ConfigError("runtime.sync_batchnorm: SyncBatchNorm needs learners on CUDA; expected runtime.device "
@@ -347,6 +375,11 @@ class RuntimeConfig:
         at_least("runtime.teacher_num_cpus", self.teacher_num_cpus, 0)
         at_least("runtime.teacher_num_gpus", self.teacher_num_gpus, 0)
         at_least("runtime.max_failures", self.max_failures, -1)
+        at_least("runtime.teacher_max_restarts", self.teacher_max_restarts, 0)
+        at_least("runtime.teacher_max_task_retries", self.teacher_max_task_retries, 0)
+        at_least("runtime.placement_timeout_s", self.placement_timeout_s, 0, strict=True)
+        if self.metrics_export_port is not None:
+            in_range("runtime.metrics_export_port", self.metrics_export_port, 1, 65536)
         at_least("runtime.agent_buffer_mb", self.agent_buffer_mb, 0, strict=True)
         optional_at_least("runtime.threads", self.threads, 1)
 
@@ -371,6 +404,61 @@ class CacheConfig:
         at_least("cache.max_memory_mb", self.max_memory_mb, 1)
 
 
+TRACKING_EXTRA = "pip install 'mtkd-rl[tracking]'"
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = False
+    """Log each epoch's metrics, the config (as params) and the final student (as an artefact) to MLflow."""
+    uri: str | None = None
+    """MLflow tracking URI: a folder, ``file:///...``, ``http(s)://server`` or any URI MLflow takes. None: a
+    file store in the run folder (``<output_dir>/mlruns``; for ``mtkd tune``, the search folder's)."""
+    experiment: str = "mtkd"
+    """MLflow experiment the runs go into (created when missing)."""
+    run_name: str | None = None
+    """Name of the MLflow run (None: the run folder's name; ``mtkd tune`` names each run after its trial)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.uri, str) and not self.uri.strip():
+            raise ConfigError("tracking.mlflow.uri: expected a tracking URI or folder, got '' (null: a file store in "
+                              "the run folder)")
+        if isinstance(self.uri, str) and self.uri != "databricks" and not re.match(r"^[A-Za-z][\w+.-]*:", self.uri):
+            from pathlib import Path
+
+            self.uri = str(Path(self.uri).expanduser().resolve())  # a folder: the same for every process of the run
+        if isinstance(self.experiment, str) and not self.experiment.strip():
+            raise ConfigError("tracking.mlflow.experiment: expected an experiment name, got ''")
+        if self.enabled is True and not _installed("mlflow"):
+            raise ConfigError(f"tracking.mlflow.enabled: MLflow is not installed; {TRACKING_EXTRA} (or set "
+                              f"tracking.mlflow.enabled=false)")
+
+
+@dataclass
+class TensorboardConfig:
+    enabled: bool = False
+    """Write each epoch's metrics as TensorBoard event files into ``<output_dir>/tensorboard``."""
+
+    def __post_init__(self) -> None:
+        if self.enabled is True and not _installed("tensorboardX"):
+            raise ConfigError(f"tracking.tensorboard.enabled: tensorboardX is not installed; {TRACKING_EXTRA} (or set "
+                              f"tracking.tensorboard.enabled=false)")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking besides the run folder's own files (docs/tracking.md)."""
+
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
+
+
 @dataclass
 class ExperimentConfig:
     seed: int = 0
@@ -387,6 +475,7 @@ class ExperimentConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         from mtkd.tasks import dataset_task, model_registry
@@ -405,15 +494,12 @@ class ExperimentConfig:
         if self.distill.units != "image" and task not in (None, "detection"):
             raise ConfigError(f"distill.units={self.distill.units!r}: per-object teacher weights need a detection "
                               f"dataset; data.name={self.data.name!r} is a {task} set (expected image)")
-        if task == "detection" and isinstance(self.runtime, RuntimeConfig) and self.runtime.runtime != "inprocess":
-            raise ConfigError(f"runtime.runtime: data.name={self.data.name} is a detection set, which trains in process "
-                              f"for now (its Ray path is not yet checked against it); expected runtime.runtime=inprocess"
-                              f" (or --runtime inprocess), got {self.runtime.runtime!r}")
-        if task == "detection" and isinstance(self.cache, CacheConfig) and self.cache.url:
+        if (task == "detection" and isinstance(self.cache, CacheConfig) and self.cache.url
+                and isinstance(self.data, DataConfig) and self.data.augment is True):
             shown = re.sub(r"//[^@/]*@", "//***@", str(self.cache.url))  # never echo a password
-            raise ConfigError(f"cache.url: data.name={self.data.name} is a detection set; the cache of teacher outputs "
-                              f"does not hold detector outputs yet (K + 4 logit channels; its keys cannot name an "
-                              f"augmentation that moves boxes); expected cache.url=null, got {shown!r}")
+            raise ConfigError(f"cache.url: data.name={self.data.name} is a detection set whose augmentation (shift, flip, "
+                              f"scale moving the boxes) no cache key names, so cached teacher outputs would be of "
+                              f"other images; expected no cache or data.augment=false, got cache.url={shown!r}")
         if (isinstance(self.data, DataConfig) and isinstance(self.cache, CacheConfig) and self.cache.url
                 and self.data.file_backed and self.data.augment is True):
             shown = re.sub(r"//[^@/]*@", "//***@", str(self.cache.url))  # never echo a password

@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from mtkd.config import ConfigError, ExperimentConfig, OptimConfig
-from mtkd.devices import autocast, memory_format, resolve_device, resolve_precision
+from mtkd.devices import autocast, resolve_device
 from mtkd.distill import (STRATEGIES, Agent, StepFeedback, Strategy, build_projectors, raw_reward, normalized_reward,
                           state_dim)
 from mtkd.distill.meta import MetaAgent
 from mtkd.errors import NumericError, UserError
 from mtkd.metrics import EpochTotals, StepResult
 from mtkd.models import Outputs, create_model
+from mtkd.precision_probe import student_setting
 from mtkd.tasks import ClassificationTask, Task
 from mtkd.teachers import TeacherPool
 
@@ -261,13 +262,17 @@ class Distiller:
         self.teacher_transform = teacher_transform
         self.pool = pool
         self.device = resolve_device(device if device is not None else config.runtime.device)
-        self.precision = resolve_precision(config.runtime.student_precision, self.device)
         self.descriptions = pool.describe()
         check_pool(self.descriptions, num_classes, input_shape)
         self.task.check_teachers(self.descriptions)
         self.teacher_names = [d["name"] for d in self.descriptions]
         self.module = build_trainable(config, num_classes, input_shape, self.descriptions)
-        self.module.to(self.device, memory_format=memory_format(self.precision))
+        # runtime.student_precision: fixed, or auto (probed on a copy; the module and the RNG untouched)
+        self.student_setting, probe = student_setting(config, self.module, input_shape, self.device)
+        self.student_probe = probe.to_dict() if probe is not None else None
+        self.precision = self.student_setting.precision
+        self.module.to(self.device, memory_format=torch.channels_last if self.student_setting.channels_last
+                       else torch.contiguous_format)
         self.forward_module = wrap_module(self.module) if wrap_module is not None else self.module
         self.optimizer = make_optimizer(self.module, config.optim)
         unit_classes = self.task.unit_classes(num_classes)  # the labels units take (detection: + background)

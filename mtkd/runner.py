@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -19,6 +20,7 @@ from mtkd.experiment import RAY_RUN_FILE, RunDirectory, export_student
 from mtkd.plot import plot_run
 from mtkd.session import Session
 from mtkd.teachers import LocalTeacherPool, load_teacher, probe_options, teacher_manifest
+from mtkd.tracking import open_tracker
 
 KEEP_CHECKPOINTS = 2
 
@@ -53,9 +55,10 @@ def plot_title(config: ExperimentConfig) -> str:
 
 
 def train_and_record(session: Session, run: RunDirectory, *, progress: bool = True,
-                     stop_after_epoch: int | None = None) -> list[dict]:
+                     stop_after_epoch: int | None = None, on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """Train the session's remaining epochs; after each, append its steps and metrics to the run
-    folder, checkpoint (the newest :data:`KEEP_CHECKPOINTS` kept), redraw the plot, print one line.
+    folder, checkpoint (the newest :data:`KEEP_CHECKPOINTS` kept), redraw the plot, print one line
+    (and hand the metrics to ``on_epoch``: tracking).
 
     Returns:
         Every epoch's metrics so far, the earlier ones (a resumed run) read from the run folder.
@@ -78,6 +81,8 @@ def train_and_record(session: Session, run: RunDirectory, *, progress: bool = Tr
             bar.close()
         history.append(metrics)
         run.append(run.metrics_path, metrics)
+        if on_epoch is not None:
+            on_epoch(metrics)
         session.save(run.checkpoint_dir(session.epoch), metrics)
         run.prune(KEEP_CHECKPOINTS)
         plot_run(history, run.plot_path, title=plot_title(config))
@@ -87,16 +92,20 @@ def train_and_record(session: Session, run: RunDirectory, *, progress: bool = Tr
 
 
 def finish(config: ExperimentConfig, run: RunDirectory, train_set, descriptions: list[dict], history: list[dict],
-           module_state: dict, epochs: int) -> dict:
-    """Export the student of ``module_state`` (teacher format) and return the run's summary."""
+           module_state: dict, epochs: int, student_setting: dict | None = None) -> dict:
+    """Export the student of ``module_state`` (teacher format) and return the run's summary
+    (``student_setting``: how the student trained, kept in the meta)."""
     meta = {"model": config.student, "num_classes": train_set.num_classes,
             "in_channels": train_set.image_shape[0], "input_shape": list(train_set.image_shape),
             "dataset": {"name": train_set.name, "digest": train_set.digest, "mean": list(train_set.mean),
                         "std": list(train_set.std), "options": dict(config.data.options)},
             "test_accuracy": history[-1]["test/acc"] if history else None,
             "distilled_with": config.distill.strategy, "teachers": teacher_manifest(descriptions),
-            # how each teacher computed, and for teacher_precision auto the probe's timings and agreement
-            "teacher_settings": [{k: d.get(k) for k in ("name", "precision", "numerics", "probe")} for d in descriptions]}
+            # how each teacher computed, and for teacher_precision / compile_teachers auto the probe's
+            # timings and agreement, the compile's break-even
+            "teacher_settings": [{k: d.get(k) for k in ("name", "precision", "numerics", "probe", "compile")}
+                                 for d in descriptions],
+            "student_setting": student_setting}
     summary = {"run_dir": str(run.path), "epochs": epochs, "test_acc": meta["test_accuracy"],
                "plot": str(run.plot_path), "student": str(run.path / "student")}
     if history and "test/miou" in history[-1]:  # segmentation
@@ -162,9 +171,13 @@ def run_inprocess(config: ExperimentConfig, resume: bool = False, stop_after_epo
         run.truncate(run.metrics_path, "epoch", session.epoch)  # the work done after that checkpoint
         run.truncate(run.steps_path, "step", session.distiller.global_step)
     save_config(config, run.path / "config.yaml")
-    history = train_and_record(session, run, progress=progress, stop_after_epoch=stop_after_epoch)
-    summary = finish(config, run, session.train_set, session.distiller.descriptions, history,
-                     session.distiller.module.state_dict(), session.epoch)
+    with open_tracker(config, run.path, resume) as tracker:  # MLflow / TensorBoard, when tracking is on
+        history = train_and_record(session, run, progress=progress, stop_after_epoch=stop_after_epoch,
+                                   on_epoch=tracker.log_epoch)
+        summary = finish(config, run, session.train_set, session.distiller.descriptions, history,
+                         session.distiller.module.state_dict(), session.epoch,
+                         {"setting": session.distiller.student_setting.label, "probe": session.distiller.student_probe})
+        tracker.log_student(run.path / "student")
     summary["history"] = history
     return summary
 

@@ -22,7 +22,7 @@ from mtkd.devices import DTYPES, autocast, numerics_tag, resolve_device, resolve
 from mtkd.models import Outputs, create_model
 from mtkd.models.fold import fold_batchnorm as fold_batchnorm_into_convs
 from mtkd.models.fold import store_low_precision_weights
-from mtkd.precision_probe import Bounds, ProbeCache, choose_setting
+from mtkd.precision_probe import Bounds, ProbeCache, Setting, choose_setting, plan_compile, planned_teacher_calls
 
 if TYPE_CHECKING:
     from mtkd.data import Batch
@@ -84,11 +84,14 @@ class Teacher:
             channels_last weights and inputs), or ``auto``: the setting (precision, channels_last,
             batch-norm folding) measured fastest among those whose outputs agree with exact fp32
             (:mod:`mtkd.precision_probe`; the decision is cached on disk and kept in ``probe``).
-        compile: wrap the model in ``torch.compile`` with inductor's ``freezing`` (the frozen weights
-            become constants: batch-norm folded, weights pre-packed for oneDNN). It compiles once per
-            batch size (45-136 s for four CIFAR teachers on one busy CPU core) and changes the last
-            bits (about 1e-6 relative in fp32); there it made the four fp32 teachers 1.49x faster,
-            bf16 ones 1.02x (a CPU without AMX).
+        compile: True: wrap the model in ``torch.compile`` with inductor's ``freezing`` (the frozen
+            weights become constants: batch-norm folded, weights pre-packed for oneDNN). It compiles
+            once per batch size (45-136 s for four CIFAR teachers on one busy CPU core) and changes
+            the last bits (about 1e-6 relative in fp32); there it made the four fp32 teachers 1.49x
+            faster, bf16 ones 1.02x (a CPU without AMX). ``auto``: compile when ``planned_calls``
+            exceed the measured compile time over the measured saving per call
+            (:func:`mtkd.precision_probe.plan_compile`; the measurement is cached like the probe's,
+            the decision kept in ``compile_plan`` and ``describe()["compile"]``).
         channels_last: the weights' and inputs' memory format; None (default): channels_last exactly
             when the precision is reduced (:func:`mtkd.devices.memory_format`).
         fold_batchnorm: fold batch-norm into the preceding convolution; None (default): when the
@@ -98,12 +101,16 @@ class Teacher:
         probe_cache: ``auto``: the folder of cached decisions (default
             :func:`mtkd.precision_probe.default_cache_dir`).
         probe_bounds: ``auto``: how close to exact fp32 a setting's outputs must be (default :class:`Bounds`).
+        planned_calls: ``compile="auto"``: the batches the teacher will compute in the run (None:
+            unknown, stays eager).
     """
 
     def __init__(self, model: nn.Module, meta: dict, name: str | None = None, *, device: str | torch.device = "cpu",
-                 precision: str = "fp32", compile: bool = False, channels_last: bool | None = None,
+                 precision: str = "fp32", compile: bool | str = False, channels_last: bool | None = None,
                  fold_batchnorm: bool | None = None, probe_batch: int = 64, probe_cache: str | None = None,
-                 probe_bounds: Bounds | None = None):
+                 probe_bounds: Bounds | None = None, planned_calls: int | None = None):
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"Teacher compile: expected True, False or 'auto', got {compile!r}")
         self.device = resolve_device(device)
         self.probe = None  # the probe's report (a dict) when precision was auto
         if precision == "auto":
@@ -117,7 +124,8 @@ class Teacher:
         reduced = self.precision != "fp32"
         self.channels_last = reduced if channels_last is None else bool(channels_last)
         self.fold_batchnorm = reduced if fold_batchnorm is None else bool(fold_batchnorm)
-        self.compiled = bool(compile)
+        self.compiled = False
+        self.compile_plan = None  # compile="auto": the break-even decision (a dict)
         model = model.eval()
         if self.fold_batchnorm or reduced:
             model = copy.deepcopy(model)  # the caller's module keeps its layers and dtypes
@@ -128,18 +136,43 @@ class Teacher:
         self.model = model.to(self.device, memory_format=layout)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        self._variant = "-".join(v for v, on in (("foldbn", folded > 0), ("compiled", self.compiled),
-                                                 ("nchw", reduced and not self.channels_last),
-                                                 ("nhwc", self.channels_last and not reduced)) if on)
+        self._folded = folded
         self._forward = self.model
+        self._compiled_forward = None
         self.meta = meta
         self.name = name or meta["model"]
         probe = self.infer(torch.zeros(1, *meta["input_shape"]))  # eager: a batch-1 compile would be wasted
         self.embedding_dim = probe.embedding.shape[1]
         self.feature_shape = tuple(probe.feature.shape[1:])
         self.logit_size = tuple(probe.logits.shape[2:])  # () for class scores, (h, w) for dense logit maps
-        if compile:
-            self._forward = torch.compile(self.model, dynamic=False, options={"freezing": True})
+        self.logit_channels = probe.logits.shape[1]  # num_classes, or K + 4 for a detector's heatmaps and boxes
+        if compile == "auto":
+            plan = plan_compile(self, planned_calls, batch=probe_batch, cache=ProbeCache(probe_cache),
+                                bounds=probe_bounds or Bounds())
+            self.compile_plan = plan.to_dict()
+            print(f"[mtkd] {plan.line()}", file=sys.stderr, flush=True)
+        elif compile:
+            self.use_compiled(True)
+
+    @property
+    def setting(self) -> Setting:
+        """How the teacher computes (precision, channels_last, batch norm folded), as the probe names it."""
+        return Setting(self.precision, self.channels_last, self.fold_batchnorm)
+
+    @property
+    def _variant(self) -> str:
+        reduced = self.precision != "fp32"
+        return "-".join(v for v, on in (("foldbn", self._folded > 0), ("compiled", self.compiled),
+                                        ("nchw", reduced and not self.channels_last),
+                                        ("nhwc", self.channels_last and not reduced)) if on)
+
+    def use_compiled(self, on: bool) -> None:
+        """Run the model through ``torch.compile`` (inductor, ``freezing``, static shapes: compiled at
+        the first call of each batch shape) or eagerly; a compiled function is kept for reuse."""
+        if on and self._compiled_forward is None:
+            self._compiled_forward = torch.compile(self.model, dynamic=False, options={"freezing": True})
+        self._forward = self._compiled_forward if on else self.model
+        self.compiled = bool(on)
 
     @torch.inference_mode()
     def infer_raw(self, images: torch.Tensor) -> Outputs:
@@ -159,7 +192,8 @@ class Teacher:
 
     def describe(self) -> dict:
         """Name, classes, input shape, embedding dim, feature shape, logit size (``()`` for a classifier,
-        ``(h, w)`` of a segmentation network's logit map at its own stride), weights digest, model, and the
+        ``(h, w)`` of a segmentation network's or detector's logit map at its own stride), logit channels
+        (``num_classes``; ``K + 4`` for a detector), weights digest, model, and the
         input normalisation it was trained with (``mean``/``std`` per channel in ``[0, 1]`` pixel
         scale, None when the checkpoint does not record them); ``precision`` and ``numerics`` say how
         it computes (``bf16``, ``cpu-bf16-foldbn-torch2.13.0``)."""
@@ -172,12 +206,14 @@ class Teacher:
             "embedding_dim": int(self.embedding_dim),
             "feature_shape": tuple(int(s) for s in self.feature_shape),
             "logit_size": tuple(int(s) for s in self.logit_size),
+            "logit_channels": int(self.logit_channels),
             "digest": self.meta["weights_digest"],
             "mean": tuple(dataset["mean"]) if dataset.get("mean") else None,
             "std": tuple(dataset["std"]) if dataset.get("std") else None,
             "precision": self.precision,
             "numerics": numerics_tag(self.device, self.precision, self._variant),
             "probe": self.probe,
+            "compile": self.compile_plan,
         }
 
 
@@ -188,12 +224,16 @@ def load_teacher(folder: str | Path, name: str | None = None, **options) -> Teac
     return Teacher(model, meta, name, **options)
 
 
-def probe_options(config) -> dict:
-    """:func:`load_teacher`'s keywords for ``teacher_precision: auto`` from an ``ExperimentConfig``: the
-    batch the teachers serve, the cache of decisions and the agreement bounds."""
+def probe_options(config, planned_calls: bool = False) -> dict:
+    """:func:`load_teacher`'s keywords for ``teacher_precision: auto`` and ``compile_teachers: auto``
+    from an ``ExperimentConfig``: the batch the teachers serve, the cache of decisions, the agreement
+    bounds, and the batches each teacher computes in the run (counted when ``compile_teachers`` is
+    auto or ``planned_calls`` asks: :func:`mtkd.precision_probe.planned_teacher_calls`; else None)."""
     rt = config.runtime
+    count = planned_calls or rt.compile_teachers == "auto"
     return {"probe_batch": int(config.data.batch_size), "probe_cache": rt.probe_cache,
-            "probe_bounds": Bounds(max_logit_kl=rt.probe_max_logit_kl, max_feature_rel_error=rt.probe_max_feature_error)}
+            "probe_bounds": Bounds(max_logit_kl=rt.probe_max_logit_kl, max_feature_rel_error=rt.probe_max_feature_error),
+            "planned_calls": planned_teacher_calls(config) if count else None}
 
 
 def teacher_manifest(descriptions: list[dict]) -> list[dict]:

@@ -32,7 +32,7 @@ def cmd_distill(args: argparse.Namespace) -> dict:
     run_dir = config.output_dir  # as given: the resume line repeats it
     # reaping: even killed (SIGKILL), the command leaves no process behind (a private Ray's agents, Redis);
     # SIGINT/SIGTERM: stop, then say how to continue (exit 130/143)
-    with reaping(), core.stop_on_signals():
+    with reaping(run_dir if config.runtime.runtime == "ray" else None), core.stop_on_signals():
         if config.runtime.runtime == "ray":
             from services.learner.driver import run_ray, resumable_epoch
 

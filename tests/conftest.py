@@ -1,6 +1,7 @@
 """Shared fixtures: a small pool of real teachers trained on real Fashion-MNIST (once per session)."""
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +18,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # teacher_precision auto caches its probe decisions on disk: the tests keep theirs out of ~/.cache
 # (a folder of this test session, inherited by the `mtkd` subprocesses and Ray workers)
 os.environ.setdefault("MTKD_PROBE_CACHE", tempfile.mkdtemp(prefix="mtkd-probe-cache-"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share two cores: one OpenMP thread each (two each crawl, measured in the fixtures
+    # below). Runs set their own count from the config; this is the tests' own torch calls.
+    import torch
+
+    torch.set_num_threads(1)
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="apt-get install dataset-fashion-mnist (make test does)")
@@ -168,3 +175,33 @@ def seg_experiment(output_dir, teachers, overrides=(), num_train: int = 24) -> E
     config.data.options = {"num_canvases": {"train": num_train, "test": 16}, "size": 32}
     config.teachers = [TeacherSpec(checkpoint=d) for d in teachers]
     return config
+
+
+@functools.lru_cache(maxsize=None)
+def uses_ray(test_file: str) -> bool:
+    """Whether a test module has a Ray test (a ``pytest.mark.ray`` in its text)."""
+    path = Path(__file__).parent.parent / test_file
+    return path.suffix == ".py" and "mark.ray" in path.read_text()
+
+
+class OneRayAtATime:
+    """`make test` runs the suite on two pytest-xdist workers, whole modules to one worker (a module's
+    fixtures are built once) and one private Ray at a time: every module with a Ray test is one unit
+    of work, so those modules run one after the other on one worker while the other worker takes the
+    rest."""
+
+    @staticmethod
+    def pytest_xdist_make_scheduler(config, log):
+        from xdist.scheduler import LoadScopeScheduling
+
+        class Scheduler(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                test_file = nodeid.split("::", 1)[0]
+                return "ray" if uses_ray(test_file) else test_file
+
+        return Scheduler(config, log)
+
+
+def pytest_configure(config):
+    if config.pluginmanager.has_plugin("xdist"):  # its hooks exist only with the plugin
+        config.pluginmanager.register(OneRayAtATime(), "mtkd-one-ray-at-a-time")

@@ -43,8 +43,8 @@ EXPERIMENT_CASES = [
     (["student=resnet_8"], "student: unknown model 'resnet_8'; did you mean 'resnet8'"),
     (["student=resnet_8"], "(valid: mobilenetv2, "),
     (["data.name=cifar"], "data.name: unknown dataset 'cifar'; did you mean 'cifar10', 'cifar100'? (valid: ade20k, "
-                          "canvases, canvases_det, cifar10, cifar100, cityscapes, fashion_mnist, image_folder, mnist, "
-                          "pascal_voc)"),
+                          "canvases, canvases_det, cifar10, cifar100, cityscapes, coco, fashion_mnist, image_folder, "
+                          "mnist, pascal_voc, pascal_voc_det)"),
     (["data.name=cityscapes", "data.root=/data/cityscapes"], "data.eval_batch_size: data.name=cityscapes is scored on"),
     (["data.options={size: 32}"], "data.options: the 'fashion_mnist' loader does not take these options"),
     (["data.name=canvases"], "student: unknown segmentation model 'resnet8'; did you mean 'fcn_resnet8'"),
@@ -82,6 +82,7 @@ EXPERIMENT_CASES = [
     (["data.augment_bank=-1"], "data.augment_bank: must be >= 0, got -1"),
     # runtime
     (["runtime.runtime=local"], "runtime.runtime: unknown value 'local' (valid: ray, inprocess)"),
+    (["runtime.student_precision=auto", "runtime.num_learners=2"], "runtime.student_precision: auto probes on each learner"),
     (["runtime.device=gpu"], "runtime.device: unknown device 'gpu' (valid: auto, cpu, cuda, cuda:N)"),
     (["runtime.num_learners=0"], "runtime.num_learners: must be >= 1, got 0"),
     (["runtime.learner_num_cpus=-1"], "runtime.learner_num_cpus: must be >= 0, got -1.0"),

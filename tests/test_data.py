@@ -35,6 +35,7 @@ from mtkd.data.idx import FASHION_MNIST_ROOT, IMAGES_MAGIC, LABELS_MAGIC
 from mtkd.registry import UnknownNameError
 
 from test_seg_data import write_layout  # noqa: E402  (files in the standard segmentation layouts)
+from test_det_files import smoke_coco, smoke_voc  # noqa: E402  (COCO and VOC detection files)
 
 RNG = np.random.default_rng(0)
 
@@ -144,6 +145,8 @@ SMOKE_BUILDERS = {
     # read from files batch by batch (their own tests: tests/test_seg_data.py)
     **{kind: (lambda kind: lambda root: write_layout(kind, root) and {"crop_size": [32, 64]})(kind)
        for kind in ("cityscapes", "ade20k", "pascal_voc")},
+    "coco": smoke_coco,  # detection files read batch by batch (their own tests: tests/test_det_files.py)
+    "pascal_voc_det": smoke_voc,
 }
 
 

@@ -64,16 +64,16 @@ def test_detection_data_names_its_task_registry_and_config_errors():
     assert dataset_task("canvases_det") == "detection" and model_registry("canvases_det") is DET_MODELS
     assert isinstance(create_model("centernet_resnet8", num_classes=10, in_channels=1), CenterNet)
     base = ["data.name=canvases_det", "student=centernet_resnet8", "runtime.runtime=inprocess"]
-    cases = [(["data.name=canvases_det", "student=centernet_resnet8"], "runtime.runtime"),  # Ray: not yet
-             (["distill.units=object"], "distill.units"), ([*base, "student=resnet8"], "student"),
+    cases = [(["distill.units=object"], "distill.units"), ([*base, "student=resnet8"], "student"),
              ([*base, "data.augment_bank=2"], "augment_bank"), ([*base, "cache.url=local"], "cache.url"),
              ([*base, "distill.region_grid=2"], "region_grid"), ([*base, "distill.dense_kd=cwd"], "dense_kd"),
              ([*base, "data.options={bogus: 1}"], "bogus"), ([*base, "distill.units=cell"], "distill.units")]
     for overrides, match in cases:
         with pytest.raises(ConfigError, match=match):
             load_config(ExperimentConfig, None, overrides)
-    with pytest.raises(ConfigError, match="cache.url"):  # not even unaugmented: the cache has no detector layout
-        load_config(ExperimentConfig, None, [*base, "cache.url=local", "data.augment=false"])
+    # unaugmented, the cache keys name every image exactly (augmented: refused above); Ray is the default runtime
+    assert load_config(ExperimentConfig, None, [*base, "cache.url=local", "data.augment=false"]).cache.url == "local"
+    assert load_config(ExperimentConfig, None, base[:2]).runtime.runtime == "ray"
     assert load_config(ExperimentConfig, None, [*base, "distill.units=object"]).distill.units == "object"
 
 

@@ -3,10 +3,12 @@
 Importing this package registers every loader in ``DATASETS``:
 ``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``image_folder``, ``canvases``
 (segmentation: masks as labels), the file-backed segmentation sets ``cityscapes``, ``ade20k``
-and ``pascal_voc`` (read batch by batch: :mod:`mtkd.data.seg_files`) and ``canvases_det`` (detection:
-packed boxes as labels, :mod:`mtkd.data.det_canvases`).
+and ``pascal_voc`` (read batch by batch: :mod:`mtkd.data.seg_files`), ``canvases_det`` (detection:
+packed boxes as labels, :mod:`mtkd.data.det_canvases`) and the file-backed detection sets ``coco`` and
+``pascal_voc_det`` (read batch by batch: :mod:`mtkd.data.det_files`).
 """
-from mtkd.data import canvases, cifar, det_canvases, folder, idx, seg_files  # noqa: F401  (registers the loaders)
+from mtkd.data import (canvases, cifar, det_canvases, det_files, folder, idx,  # noqa: F401  (registers the loaders)
+                       seg_files)
 from mtkd.data.augment import AugmentParams, apply_augment, augment_batch, augment_params, normalize
 from mtkd.data.cifar import RestrictedUnpickler, UnsafePickleError
 from mtkd.data.dataset import IGNORE_INDEX, DataError, DataNotFoundError, ImageDataset, channel_stats, subset

@@ -13,6 +13,9 @@ same map and a box cut below a quarter of its area becomes padding. These draws 
 ``AugmentParams`` (the cache key's name of an augmentation), so a detection batch carries
 ``augment=None``: a run with a cache of teacher outputs must not augment, and no set takes an
 augmentation bank (:class:`mtkd.config.DataConfig`, ``ExperimentConfig``).
+
+COCO and Pascal VOC files are not held in memory: :class:`mtkd.data.det_files.DetectionFileSet` offers
+the same interface and reads each batch's images from their files.
 """
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ outside its image (by more than ``tolerance`` pixels), an unknown category and a
 Conventions: a COCO ``bbox`` ``[x, y, w, h]`` is the box ``(x, y, x + w, y + h)``; categories map to
 ``0..K-1`` in increasing id order. A VOC ``bndbox`` holds 1-based inclusive pixel indices, so
 ``xmin..xmax`` is ``(xmin - 1, xmax)``; classes are the 20 VOC object classes (no background).
+
+Training reads them through the registered sets ``coco`` and ``pascal_voc_det``
+(:mod:`mtkd.data.det_files`: letterboxed or augmented batches, a fixed number of box slots per image).
 """
 from __future__ import annotations
 
@@ -96,9 +99,14 @@ class DetectionFiles:
 
         record = self.records[i]
         if not record.path.is_file():
-            raise DataNotFoundError(f"{self.name}: image {record.path} (image {record.image_id}) is missing")
-        with Image.open(record.path) as im:
-            array = np.asarray(im.convert("RGB"))
+            raise DataNotFoundError(f"{self.name}: image {record.path} (image {record.image_id}, annotated in "
+                                    f"{self.source}) is missing")
+        try:
+            with Image.open(record.path) as im:
+                array = np.asarray(im.convert("RGB"))
+        except OSError as err:  # Pillow's UnidentifiedImageError, a truncated file...
+            raise DataError(f"{self.name}: image {record.path} (image {record.image_id}) is not a readable image "
+                            f"({err}); expected a JPEG or PNG") from None
         if array.shape[:2] != (record.height, record.width):
             raise DataError(f"{self.name}: image {record.path} is {array.shape[1]}x{array.shape[0]} (WxH) but "
                             f"{self.source} says {record.width}x{record.height}")

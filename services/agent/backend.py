@@ -3,6 +3,9 @@ verbs (what the Ray actor exposes). The learner's side of the Ray actor is
 :class:`services.agent.proxy.AgentProxy`."""
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import torch
 
 from mtkd.distill import Agent
@@ -11,11 +14,14 @@ from mtkd.distill import Agent
 class AgentBackend:
     """Owns an :class:`Agent` (policy, optimiser, buffer); verbs take and return tensors.
 
-    Args: as :class:`mtkd.distill.Agent`.
+    Args: as :class:`mtkd.distill.Agent`, and ``on_update``: called with the seconds of each call
+    that updated the policy (the agent actor records them as a metric).
     """
 
-    def __init__(self, embedding_dims: list[int], num_classes: int, **agent_kwargs):
+    def __init__(self, embedding_dims: list[int], num_classes: int,
+                 on_update: Callable[[float], None] | None = None, **agent_kwargs):
         self.agent = Agent(embedding_dims, num_classes, **agent_kwargs)
+        self._on_update = on_update
 
     def describe(self) -> dict:
         a = self.agent
@@ -31,12 +37,18 @@ class AgentBackend:
 
     def observe(self, states, reward, weight_logit=None, weight_feature=None) -> tuple[int, bool, dict]:
         """Store a batch of experience; ``(version, updated, last update's diagnostics)``."""
+        start = time.perf_counter()
         updated = self.agent.observe(states, reward, weight_logit, weight_feature)
-        return self.agent.version, updated, dict(self.agent.last_update) if updated else {}
+        return self._reply(updated, start)
 
     def end_epoch(self) -> tuple[int, bool, dict]:
         """Update the agent on what it holds (the end-of-epoch update); ``(version, updated, metrics)``."""
-        updated = self.agent.end_epoch()
+        start = time.perf_counter()
+        return self._reply(self.agent.end_epoch(), start)
+
+    def _reply(self, updated: bool, start: float) -> tuple[int, bool, dict]:
+        if updated and self._on_update is not None:
+            self._on_update(time.perf_counter() - start)
         return self.agent.version, updated, dict(self.agent.last_update) if updated else {}
 
     def policy(self) -> tuple[int, dict[str, torch.Tensor]]:

@@ -1,6 +1,7 @@
-"""``mtkd distill`` on Ray, the driver: join (or start) Ray, start the teacher actors and, for an
-agent rule that learns from stored experience (:func:`mtkd.engine.needs_agent_actor`), the agent
-actor, then run the learners with a Ray Train ``TorchTrainer``.
+"""``mtkd distill`` on Ray, the driver: join (or start) Ray, place the teacher replicas (one placement
+group: all or none) and start their actors and, for an agent rule that learns from stored experience
+(:func:`mtkd.engine.needs_agent_actor`), the agent actor on this node, then run the learners with a
+Ray Train ``TorchTrainer``.
 
 The driver is thin and shares no disk with the learners. Checkpoints live in Ray Train's
 ``storage_path`` (a local folder or any URI pyarrow supports); the run folder on the driver's disk
@@ -29,6 +30,7 @@ import ray.train
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.queue import Queue
 
 from mtkd.checkpoint import CheckpointError, read_json, write_json
@@ -45,10 +47,11 @@ from services.cache import open_store
 from services.learner.checkpoints import newest_in_storage, newest_valid, repair_snapshot, with_older
 from services.learner.events import EventWriter
 from services.learner.lost import lost_error, private_ray_lost
-from services.teacher_server.pool import replica_resources, start_teacher_actors, stop_actors, teacher_source
+from services.teacher_server.pool import (replica_resources, start_teacher_actors, stop_actors, teacher_bundles,
+                                          teacher_placement_group, teacher_source)
 
 PLACEMENT_NOTE_AFTER_S = 30.0
-PLACEMENT_TIMEOUT_S = 600.0
+PLACEMENT_TIMEOUT_S = 600.0  # the default of runtime.placement_timeout_s
 # how long fit may go on after the private Ray's raylet or GCS died: a run about to end may still end
 # (the learners report through their own connections), but this process's Ray client ends it without a
 # word 60 s after losing the GCS (gcs_rpc_server_reconnect_timeout_s)
@@ -108,8 +111,11 @@ def connect_ray(config: ExperimentConfig) -> RayLink:
             return RayLink(started=False, private=False)
         num_cpus = math.ceil(max(float(os.cpu_count() or 1), logical_cpus_needed(config)))
         # Without the dashboard, Ray Train's placement-group cleaner cannot reach the state API and
-        # warns every second; worker-side Ray logs are kept to errors.
+        # warns every second; worker-side Ray logs are kept to errors. The metrics agent still runs
+        # (it is not the dashboard): it serves the run's metrics on runtime.metrics_export_port.
         private = {"num_cpus": num_cpus, "include_dashboard": False, **_quiet()}
+        if config.runtime.metrics_export_port is not None:
+            private["_metrics_export_port"] = config.runtime.metrics_export_port
         if config.runtime.address == "local":
             ray.init(address="local", **private)
             return RayLink(started=True, private=True)
@@ -216,23 +222,72 @@ def check_resources(config: ExperimentConfig, use_gpu: bool, private: bool) -> N
         print(f"[mtkd] warning: {message}; waiting for the cluster to grow", file=sys.stderr)
 
 
-def describe_teachers(handles: list[list]) -> list[dict]:
-    """The teachers' descriptions (one per teacher), once every replica is placed and loaded.
+def wait_for_placement(group: PlacementGroup | None, config: ExperimentConfig) -> None:
+    """Wait until Ray has placed every bundle of the teachers' placement group (all at once), at most
+    ``runtime.placement_timeout_s``; a note on stderr after :data:`PLACEMENT_NOTE_AFTER_S`.
+
+    Raises:
+        RayUnavailableError: not placed in time: one line naming what the bundles ask for against what
+            the cluster has free (:func:`placement_shortfall`). The caller removes the group.
+    """
+    if group is None:
+        return
+    timeout = config.runtime.placement_timeout_s
+    ready, _ = ray.wait([group.ready()], timeout=min(timeout, PLACEMENT_NOTE_AFTER_S))
+    if not ready and timeout > PLACEMENT_NOTE_AFTER_S:
+        print(f"[mtkd] waiting for the teacher replicas' placement group ({group.bundle_count} bundle(s), "
+              f"all or none; up to {timeout:.0f} s)", file=sys.stderr, flush=True)
+        ready, _ = ray.wait([group.ready()], timeout=timeout - PLACEMENT_NOTE_AFTER_S)
+    if not ready:
+        raise RayUnavailableError(f"the teacher replicas were not placed within {timeout:g} s: "
+                                  f"{placement_shortfall(teacher_bundles(config))}")
+
+
+def placement_shortfall(bundles: list[dict[str, float]]) -> str:
+    """What ``bundles`` ask for against what the Ray cluster has free now, and what is missing, e.g.
+    ``their placement group asks for CPU 2, GPU 1 and the Ray cluster has CPU 1 of 4, GPU 0 of 0 free
+    (missing CPU 1, GPU 1); ...``."""
+    asked: dict[str, float] = {}
+    for bundle in bundles:
+        for name, amount in bundle.items():
+            asked[name] = asked.get(name, 0.0) + amount
+    free, total = ray.available_resources(), ray.cluster_resources()
+    has = ", ".join(f"{k} {free.get(k, 0.0):g} of {total.get(k, 0.0):g}" for k in asked)
+    missing = {k: v - free.get(k, 0.0) for k, v in asked.items() if v > free.get(k, 0.0) + 1e-9}
+    head = (f"their placement group ({len(bundles)} bundle(s)) asks for {_amounts(asked)} and the Ray cluster has "
+            f"{has} free")
+    if missing:
+        return (f"{head} (missing {_amounts(missing)}); free them, add nodes, or raise runtime.placement_timeout_s"
+                + "".join(_hint(k) for k in missing if k != "CPU"))
+    largest = max(bundles, key=lambda b: sum(b.values()))
+    return (f"{head}, but no node has a bundle's {_amounts(largest)} free at once; free resources on one node, add "
+            f"nodes, or raise runtime.placement_timeout_s")
+
+
+def _amounts(resources: dict[str, float]) -> str:
+    return ", ".join(f"{name} {amount:g}" for name, amount in resources.items())
+
+
+def describe_teachers(handles: list[list], timeout_s: float = PLACEMENT_TIMEOUT_S) -> list[dict]:
+    """The teachers' descriptions (one per teacher), once every replica is placed and loaded (at most
+    ``timeout_s``).
 
     All replicas of a teacher must compute alike (same precision and numerics: the cache keys and
     the numbers depend on it); a replica that failed to load (a missing checkpoint, a wrong digest,
     an unreachable address) ends the run with its error in one line."""
     refs = [[replica.describe.remote() for replica in replicas] for replicas in handles]
     flat = [ref for group in refs for ref in group]
-    ready, _ = ray.wait(flat, num_returns=len(flat), timeout=PLACEMENT_NOTE_AFTER_S)
-    if len(ready) < len(flat):
+    ready, _ = ray.wait(flat, num_returns=len(flat), timeout=min(timeout_s, PLACEMENT_NOTE_AFTER_S))
+    if len(ready) < len(flat) and timeout_s > PLACEMENT_NOTE_AFTER_S:
         print(f"[mtkd] waiting for {len(flat) - len(ready)} teacher actor(s) to be placed and loaded "
-              f"(up to {PLACEMENT_TIMEOUT_S:.0f} s)", file=sys.stderr, flush=True)
+              f"(up to {timeout_s:.0f} s)", file=sys.stderr, flush=True)
     try:
-        described = [ray.get(group, timeout=PLACEMENT_TIMEOUT_S) for group in refs]
+        deadline = time.monotonic() + timeout_s
+        described = [ray.get(group, timeout=max(deadline - time.monotonic(), 0.0)) for group in refs]
     except GetTimeoutError as error:
-        raise RayUnavailableError(f"the teacher actors were not placed within {PLACEMENT_TIMEOUT_S:.0f} s; "
-                                  f"check that the cluster has the resources they ask for") from error
+        raise RayUnavailableError(f"the teacher actors were not placed and loaded within {timeout_s:g} s "
+                                  f"(runtime.placement_timeout_s); check that the cluster has the resources they ask "
+                                  f"for") from error
     except RayActorError as error:
         raise RayUnavailableError(f"a teacher actor failed to start: {actor_failure(error)}") from error
     for group in described:
@@ -433,12 +488,14 @@ def fit(trainer: TorchTrainer, lost: Callable[[], str | None] | None = None):
 def _run(config: ExperimentConfig, run: RunDirectory, storage: str, name: str, stop_after_epoch: int | None,
          progress: bool, link: RayLink, cache_url: str | None, checked_checkpoint: str | None = None) -> dict:
     teacher_handles: list[list] = []
-    agent = events = None
+    agent = events = group = None
     try:
         use_gpu = learners_use_gpu(config)
         check_resources(config, use_gpu, link.private)
-        start_teacher_actors(config, into=teacher_handles, cache_url=cache_url)
-        descriptions = describe_teachers(teacher_handles)
+        group = teacher_placement_group(config)  # removed in finally, whatever happens next
+        wait_for_placement(group, config)
+        start_teacher_actors(config, into=teacher_handles, cache_url=cache_url, group=group)
+        descriptions = describe_teachers(teacher_handles, config.runtime.placement_timeout_s)
         train_set, _ = load_data(config.data, config.seed)
         if needs_agent_actor(config):  # else the learner's engine builds the agent in its own process
             task = task_for_dataset(train_set, config.distill.region_grid)
@@ -478,6 +535,8 @@ def _run(config: ExperimentConfig, run: RunDirectory, storage: str, name: str, s
             for actor in (agent, getattr(events, "actor", None)):
                 if actor is not None:
                     ray.kill(actor)
+            if group is not None:
+                remove_placement_group(group)
         if link.started:
             ray.shutdown()
 

@@ -30,9 +30,11 @@ class EventSender:
         self._steps: list[dict] = []
         self._last_flush = time.monotonic()
 
-    def start(self, epoch: int, global_step: int, steps_per_epoch: int) -> None:
-        """This attempt trains from ``epoch`` (0-based, the next to train) and ``global_step``."""
-        self._send({"kind": "start", "epoch": epoch, "global_step": global_step, "steps_per_epoch": steps_per_epoch})
+    def start(self, epoch: int, global_step: int, steps_per_epoch: int, restored: dict | None = None) -> None:
+        """This attempt trains from ``epoch`` (0-based, the next to train) and ``global_step``;
+        ``restored``: the metrics of the epoch its checkpoint ends, if it restored one."""
+        self._send({"kind": "start", "epoch": epoch, "global_step": global_step, "steps_per_epoch": steps_per_epoch,
+                    "restored": restored or None})
 
     def step(self, record: dict) -> None:
         self._steps.append(record)
@@ -120,6 +122,7 @@ class EventWriter:
             self.run.truncate(self.run.metrics_path, "epoch", event["epoch"])
             self.run.truncate(self.run.steps_path, "step", event["global_step"])
             self.history = [m for m in self.history if m["epoch"] <= event["epoch"]]
+            self._restore_lost_epoch(event.get("restored"))
             self._steps_per_epoch = event["steps_per_epoch"]
             self._new_bar(event["epoch"])
         elif kind == "steps":
@@ -140,6 +143,16 @@ class EventWriter:
                     self._bar = None
                 print(epoch_line(metrics, self.epochs), file=sys.stderr, flush=True)
                 self._new_bar(metrics["epoch"])
+
+    def _restore_lost_epoch(self, metrics: dict | None) -> None:
+        """Write the line of the epoch a resumed checkpoint ends when the folder lacks it: Ray Train
+        persisted that checkpoint, but the driver died (or lost Ray) before its event reached the
+        folder. The checkpoint keeps the epoch's metrics, so no completed epoch goes missing."""
+        if not metrics or "epoch" not in metrics or any(m["epoch"] == metrics["epoch"] for m in self.history):
+            return
+        self.history.append(metrics)
+        self.run.append(self.run.metrics_path, metrics)
+        plot_run(self.history, self.run.plot_path, title=self.title)
 
     def _new_bar(self, epoch: int) -> None:
         """A progress bar for the epoch after ``epoch`` (0-based count of epochs done)."""

@@ -1,7 +1,8 @@
 """What a Ray failure lost, in a few words: a node, an actor, a worker process, an object, Ray itself.
 
-Ray restarts actors and learner workers by itself (teachers and the agent without limit, the
-learners ``runtime.max_failures`` times); a failure that still reaches the driver ends the run.
+Ray restarts actors and learner workers by itself (teachers ``runtime.teacher_max_restarts`` times,
+past which the pool names the teacher and the batch; the agent without limit; the learners
+``runtime.max_failures`` times); a failure that still reaches the driver ends the run.
 :func:`lost_error` turns Ray's multi-line error (a ``TrainingFailedError`` wrapping a worker's
 ``ActorDiedError``, a ``NodeDiedError``, a ``RaySystemError`` of a dead raylet or GCS...) into a
 :class:`mtkd.errors.LostError` naming what was lost; ``mtkd distill`` prints it in one line with
@@ -11,13 +12,13 @@ from __future__ import annotations
 
 import re
 import signal
-from pathlib import Path
 from typing import Iterator
 
 from ray.exceptions import (GetTimeoutError, LocalRayletDiedError, NodeDiedError, ObjectLostError, OwnerDiedError,
                             RayActorError, RaySystemError, RayTaskError, WorkerCrashedError)
 
 from mtkd.errors import UNWRITABLE_ERRNOS, LostError
+from services.reaper import failed_agent
 
 ACTORS = {"RayTrainWorker": "the learner worker", "TeacherActor": "a teacher actor", "AgentBackend": "the agent actor",
           "_QueueActor": "the event queue actor", "TrainController": "Ray Train's controller"}
@@ -126,16 +127,11 @@ def private_ray_lost() -> str | None:
 
 
 def _failed_agent(node) -> str | None:
-    """The agent whose death ended the raylet, from the raylet's log (``dashboard agent``), or None."""
+    """The agent whose death ended the raylet (``dashboard agent``), from the raylet's log, or None."""
     try:
-        path = Path(node.get_logs_dir_path()) / "raylet.out"
-        with path.open("rb") as handle:
-            handle.seek(max(0, path.stat().st_size - 65536))
-            tail = handle.read().decode(errors="replace")
-    except (OSError, AttributeError):
+        return failed_agent(node.get_logs_dir_path())
+    except AttributeError:
         return None
-    found = re.findall(r"one Ray agent failed, agent_name = (\w+)", tail)
-    return found[-1].replace("_", " ") if found else None
 
 
 def lost_error(error: BaseException) -> BaseException:

@@ -37,6 +37,7 @@ from services.learner.checkpoints import newest_valid
 from services.learner.collective import all_true, parameter_digests
 from services.learner.events import EventSender
 from services.teacher_server.pool import RayTeacherPool
+from services.tracking import learner_tracker
 
 
 class LearnersDiverged(RuntimeError):
@@ -93,10 +94,11 @@ def run_error(error: BaseException) -> dict:
     return {"type": type(error).__name__, "base": base.__name__, "message": str(error)}
 
 
-def restore_newest_valid(session: Session, checkpoint: ray.train.Checkpoint, warn: bool) -> None:
+def restore_newest_valid(session: Session, checkpoint: ray.train.Checkpoint, warn: bool) -> dict:
     """Continue from ``checkpoint`` or, when its files fail their digests or do not load, from the
     newest valid one before it in the storage; with ``warn``, log (WARNING) each one passed over
-    (the driver has already named those of the checkpoint it checked before the run).
+    (the driver has already named those of the checkpoint it checked before the run). Returns the
+    metrics of the epoch the restored checkpoint ends (from its meta).
 
     Raises:
         CheckpointError: none is valid.
@@ -107,6 +109,7 @@ def restore_newest_valid(session: Session, checkpoint: ray.train.Checkpoint, war
         raise CheckpointError(f"no valid checkpoint to resume from in {checkpoint.path!r} or before it")
     _, (state, meta) = found
     session.load(state, meta)
+    return meta.get("metrics") or {}
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
@@ -139,24 +142,27 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             config, pool, store=RedisStore(loop_config["cache_url"]) if loop_config.get("cache_url") else None,
             device=device, agent=agent, wrap_module=wrap_for_data_parallel(config, device, world_size),
             agree=(lambda flag: all_true(flag, device)) if world_size > 1 else None, rank=rank, world_size=world_size)
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint, restored = ray.train.get_checkpoint(), None
         if checkpoint is not None:
             already_named = checkpoint.path == loop_config.get("checked_checkpoint")  # by the driver, on --resume
-            restore_newest_valid(session, checkpoint, warn=rank == 0 and not already_named)
+            restored = restore_newest_valid(session, checkpoint, warn=rank == 0 and not already_named)
         events = EventSender(loop_config.get("events") if rank == 0 else None)
-        events.start(session.epoch, session.distiller.global_step, len(session.train_loader))
-        for _ in session.epochs(loop_config.get("stop_after_epoch")):
-            metrics = session.train_epoch(events.step)
-            check_learners_agree(session, metrics)
-            metrics["learner/world_size"] = world_size
-            metrics["learner/node_id"] = ray.get_runtime_context().get_node_id()
-            if rank != 0:
-                ray.train.report(metrics)
-                continue
-            with tempfile.TemporaryDirectory() as folder:
-                session.save(Path(folder), metrics)
-                events.epoch(metrics)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        events.start(session.epoch, session.distiller.global_step, len(session.train_loader), restored)
+        with learner_tracker(config, rank, fresh=checkpoint is None) as tracker:  # rank 0, tracking on: MLflow, TB
+            for _ in session.epochs(loop_config.get("stop_after_epoch")):
+                metrics = session.train_epoch(events.step)
+                check_learners_agree(session, metrics)
+                metrics["learner/world_size"] = world_size
+                metrics["learner/node_id"] = ray.get_runtime_context().get_node_id()
+                if rank != 0:
+                    ray.train.report(metrics)
+                    continue
+                with tempfile.TemporaryDirectory() as folder:
+                    session.save(Path(folder), metrics)
+                    events.epoch(metrics)
+                    tracker.log_epoch(metrics)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            tracker.log_final_student(session)
     except RUN_ERRORS as error:
         return {"error": run_error(error)}
     finally:

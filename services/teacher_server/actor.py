@@ -3,6 +3,7 @@ batched outputs. Thin: the model code is :mod:`mtkd.teachers`."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import ray
@@ -11,6 +12,7 @@ import torch
 from mtkd.cache import teacher_cache
 from mtkd.models import Outputs
 from mtkd.teachers import load_teacher
+from services.metrics import TEACHER_LATENCY, observe
 
 # How a tensor travels through the object store: numpy has no bfloat16, so it moves as its bits.
 _WIRE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -46,7 +48,9 @@ def outputs_from_wire(wire: dict) -> Outputs:
     return Outputs(*(tensor_from_wire(*wire[f]) if f in wire else None for f in Outputs._fields))
 
 
-@ray.remote(max_restarts=-1, max_task_retries=-1)
+# bounded here too; the run's own bounds (runtime.teacher_max_restarts / _max_task_retries) come in
+# through .options() (start_teacher_actors)
+@ray.remote(max_restarts=3, max_task_retries=3)
 class TeacherActor:
     """One replica of one teacher.
 
@@ -61,8 +65,10 @@ class TeacherActor:
         probe: ``precision: auto``: the probe's keywords (:func:`mtkd.teachers.probe_options`).
 
     The device is the GPU Ray gave this actor (``num_gpus > 0`` in its options), else the CPU.
-    Restarted by Ray when it dies (``max_restarts=-1``); calls in flight are retried on the new
-    replica (``max_task_retries=-1``): inference is a pure function of the batch, so a retry is safe.
+    Restarted by Ray when it dies, up to ``runtime.teacher_max_restarts`` times; calls in flight are
+    sent again to the new incarnation, up to ``runtime.teacher_max_task_retries`` times: inference is a
+    pure function of the batch, so a retry is safe. Each call's time goes to the
+    ``mtkd_teacher_latency_seconds`` histogram (:mod:`services.metrics`), tagged with the teacher's name.
     """
 
     def __init__(self, source: dict, precision: str = "fp32", compile: bool = False, cache_url: str | None = None,
@@ -85,6 +91,7 @@ class TeacherActor:
 
             self.cache = teacher_cache(RedisStore(cache_url), self.teacher.describe(), value_dtype)
         self.calls = 0
+        self._name: str | None = None  # the metrics' teacher tag, on the first call (a served teacher's needs a call)
 
     def describe(self) -> dict:
         """Name, model, classes, input shape, embedding dim, feature shape, weights digest, numerics."""
@@ -99,7 +106,14 @@ class TeacherActor:
         whole batch; the reply then also carries ``"cache"``: the lookups and hits of this call.
         """
         self.calls += 1
+        start = time.perf_counter()
+        wire = self._infer_wire(images, fields, half, keys)
+        if self._name is None:
+            self._name = str(self.teacher.describe().get("name"))
+        observe(TEACHER_LATENCY, time.perf_counter() - start, teacher=self._name)
+        return wire
 
+    def _infer_wire(self, images: np.ndarray, fields: tuple[str, ...], half: bool, keys: list[str] | None) -> dict:
         def compute(half_wire: bool = False) -> Outputs:
             batch = torch.from_numpy(np.array(images, copy=True))
             if self.remote:  # a teacher served over gRPC: float16 on that wire too when asked

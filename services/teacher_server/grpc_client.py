@@ -94,7 +94,9 @@ class RemoteTeacher:
             half_precision: this call's float16 on the wire (None: the client's setting).
 
         Returns:
-            ``Outputs(logits [B, C] (or [B, C, h, w] from a dense teacher, ``describe()["logit_size"]``), embedding [B, D], feature [B, K, H, W])``, float32.
+            ``Outputs(logits [B, C] (or [B, C, h, w] from a dense teacher, ``describe()["logit_size"]``),
+            embedding [B, D], feature [B, K, H, W])``, float32; C is ``describe()["logit_channels"]``
+            (``K + 4`` from a detector, whose outputs read with ``mtkd.detection.models.split_logits``).
         """
         info = self.describe()
         half = self.half_precision if half_precision is None else bool(half_precision)

@@ -5,7 +5,9 @@ calls a backend, and encodes the result. The backend is any object with
 
 * ``describe() -> dict`` with keys ``name``, ``num_classes``, ``input_shape``
   (C, H, W), ``embedding_dim``, ``feature_shape`` (K, H, W), ``digest``, and
-  optionally ``logit_size`` ((h, w) of a dense teacher's logit maps at its own stride), and
+  optionally ``logit_size`` ((h, w) of a dense teacher's logit maps at its own stride),
+  ``logit_channels`` (the logits' channels when they are not ``num_classes``: ``K + 4`` for a
+  CenterNet detector of K classes), and
   optionally ``model`` and ``mean``/``std`` (the input normalisation, C values each in
   ``[0, 1]`` pixel scale; without them raw ``DTYPE_UINT8`` images are refused);
 * ``infer(images: Tensor[B, C, H, W] float32) -> mtkd.models.outputs.Outputs``.

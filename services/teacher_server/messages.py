@@ -26,6 +26,7 @@ __all__ = [
     "fields_to_proto",
     "iter_response_chunks",
     "join_response_chunks",
+    "logit_channels",
     "non_finite_outputs",
     "outputs_to_response",
     "response_to_outputs",
@@ -79,19 +80,25 @@ def teacher_info_to_proto(info: Mapping[str, Any], *, max_batch: int) -> teacher
     """Build ``TeacherInfo`` from a teacher backend's ``describe()`` dict.
 
     The optional keys ``model`` (the zoo architecture, as ``mtkd.teachers.Teacher``
-    reports it), ``numerics`` (e.g. ``"cpu-fp32"``) and ``mean``/``std`` (the input
+    reports it), ``numerics`` (e.g. ``"cpu-fp32"``), ``mean``/``std`` (the input
     normalisation, per channel in ``[0, 1]`` pixel scale; ``preprocessing`` is left
-    unset unless both are given) are carried too.
+    unset unless both are given), ``logit_size`` and ``logit_channels`` (the logits'
+    channels, ``num_classes`` when absent; ``K + 4`` for a detector) are carried too.
 
     Raises:
-        ValueError: ``info`` lacks one of :data:`TEACHER_INFO_KEYS`, or its mean/std
-            are not one finite value per input channel (std > 0).
+        ValueError: ``info`` lacks one of :data:`TEACHER_INFO_KEYS`, its mean/std
+            are not one finite value per input channel (std > 0), its ``logit_size``
+            is no whole stride of the input, or ``logit_channels`` is below 1.
     """
     _require_keys("teacher describe()", info, TEACHER_INFO_KEYS)
     logit_size = _logit_size(info)
+    channels = logit_channels(info)
+    if channels < 1:
+        raise ValueError(f"teacher describe() has logit_channels {channels}; expected >= 1")
     return teacher_pb2.TeacherInfo(
         name=str(info["name"]),
         num_classes=int(info["num_classes"]),
+        logit_channels=channels,
         input_shape=[int(d) for d in info["input_shape"]],
         embedding_dim=int(info["embedding_dim"]),
         feature_shape=[int(d) for d in info["feature_shape"]],
@@ -103,6 +110,14 @@ def teacher_info_to_proto(info: Mapping[str, Any], *, max_batch: int) -> teacher
         logit_size=list(logit_size),
         output_stride=int(info["input_shape"][1]) // logit_size[0] if logit_size else 0,
     )
+
+
+def logit_channels(info: Mapping[str, Any]) -> int:
+    """C, the channels of a teacher's logits, from its ``describe()`` dict: ``logit_channels`` when
+    given (``K + 4`` for a detector of K classes), else ``num_classes`` (a classifier or a segmentation
+    network, and every description written before detectors)."""
+    channels = info.get("logit_channels")
+    return int(info["num_classes"] if channels is None else channels)
 
 
 def _logit_size(info: Mapping[str, Any]) -> tuple[int, ...]:
@@ -125,18 +140,23 @@ def _logit_size(info: Mapping[str, Any]) -> tuple[int, ...]:
 def teacher_info_from_proto(msg: teacher_pb2.TeacherInfo) -> dict[str, Any]:
     """The ``describe()`` dict of a teacher backend (``model`` and ``numerics`` "" if unknown;
     ``mean`` and ``std`` tuples, None if the server knows no preprocessing; ``logit_size`` ``()`` or
-    ``(h, w)``), plus ``max_batch`` and ``output_stride`` (0 for a classifier).
+    ``(h, w)``; ``logit_channels`` C, ``num_classes`` from a server that does not send it), plus
+    ``max_batch`` and ``output_stride`` (0 for a classifier).
 
     Raises:
-        InvalidMessage: ``logit_size`` is neither empty nor two sizes >= 1.
+        InvalidMessage: ``logit_size`` is neither empty nor two sizes >= 1, or ``logit_channels`` is
+            negative.
     """
     known = msg.HasField("preprocessing")
     if msg.logit_size and (len(msg.logit_size) != 2 or min(msg.logit_size) < 1):
         raise InvalidMessage(f"TeacherInfo.logit_size is {list(msg.logit_size)}; expected [] or [h, w] with h, w >= 1")
+    if msg.logit_channels < 0:
+        raise InvalidMessage(f"TeacherInfo.logit_channels is {msg.logit_channels}; expected >= 1 (0: num_classes)")
     return {
         "name": msg.name,
         "model": msg.model,
         "num_classes": msg.num_classes,
+        "logit_channels": msg.logit_channels or msg.num_classes,  # 0: a server from before the field
         "input_shape": tuple(msg.input_shape),
         "embedding_dim": msg.embedding_dim,
         "feature_shape": tuple(msg.feature_shape),
@@ -192,7 +212,8 @@ def outputs_to_response(
     """Encode a backend's ``Outputs`` for a whole batch as one ``InferResponse``.
 
     Args:
-        outputs: ``Outputs(logits [B, C] or [B, C, h, w], embedding [B, D], feature [B, K, H, W])``.
+        outputs: ``Outputs(logits [B, C] or [B, C, h, w], embedding [B, D], feature [B, K, H, W])``
+            (a detector's ``DetectionOutputs`` alike: C = K + 4).
         fields: Which outputs to include.
         half: Send them as float16.
         request_id: Echoed to the client.
@@ -307,15 +328,15 @@ def response_to_outputs(
     Args:
         msg: A whole-batch response (from ``Infer`` or :func:`join_response_chunks`).
         batch: B, the request's batch size.
-        info: The teacher's ``describe()`` dict (gives C, D, [K, H, W] and, for a dense teacher,
-            ``logit_size`` (h, w): logits ``[B, C, h, w]``).
+        info: The teacher's ``describe()`` dict (gives C (:func:`logit_channels`), D, [K, H, W]
+            and, for a dense teacher, ``logit_size`` (h, w): logits ``[B, C, h, w]``).
         fields: The outputs requested; the others are None in the result.
 
     Raises:
         InvalidMessage: A requested output is missing, malformed or of a wrong shape.
     """
     shapes = {
-        "logits": (batch, info["num_classes"], *info.get("logit_size", ())),
+        "logits": (batch, logit_channels(info), *info.get("logit_size", ())),
         "embedding": (batch, info["embedding_dim"]),
         "feature": (batch, *info["feature_shape"]),
     }

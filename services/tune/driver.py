@@ -33,6 +33,7 @@ from services.cache import open_store
 from services.learner.driver import (check_resources, connect_ray, describe_teachers, learner_demand, learners_use_gpu,
                                      warn_if_local_cache)
 from services.teacher_server.pool import start_teacher_actors, stop_actors, teacher_source
+from services.tracking import tune_callbacks
 from services.tune.results import finish_search, format_value, trial_rows
 from services.tune.spec import BEST_CONFIG_FILE, RESULTS_FILE, SEARCH_FILE, Sampler, TuneSpec, trial_config
 from services.tune.trial import trial_dirname, tune_trial
@@ -179,7 +180,8 @@ def _tuner(spec: TuneSpec, experiment_path: Path, resume: bool, trainable) -> tu
         run_config=tune.RunConfig(
             name=settings.name, storage_path=str(experiment_path.parent), verbose=0,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[TrialLines(settings.metric, spec.base.optim.epochs)]))
+            callbacks=[TrialLines(settings.metric, spec.base.optim.epochs),
+                       *tune_callbacks(spec.base, experiment_path.parent, settings.name)]))  # tracking: MLflow, TBX
 
 
 def trial_statuses(experiment_path: str | Path) -> dict[str, str]:

@@ -68,6 +68,7 @@ FIXED_KEYS: dict[str, str] = {
     "runtime.sync_batchnorm": "a trial trains in one process",
     "runtime.storage_path": _PER_SEARCH,
     "runtime.max_failures": _PER_SEARCH,
+    "tracking": _PER_SEARCH,
 }
 
 

@@ -7,6 +7,7 @@ and one run, with a teacher served over gRPC, meets both a killed teacher actor 
 learner (``faulted_run``); each test asserts on its part."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -30,6 +31,9 @@ from conftest import EQUIVALENCE, needs_fashion, seg_experiment, small_experimen
 
 pytestmark = [needs_fashion, pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
+# tracking where the library is installed (the `tracking` extra, which `make test` installs)
+TRACKING = (["tracking.mlflow.enabled=true", "tracking.tensorboard.enabled=true"]
+            if importlib.util.find_spec("mlflow") else [])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,10 +88,12 @@ def one_folder(tmp_path_factory, teacher_dirs) -> dict:
     3. ``swapped``: a resume with the teacher pool reversed (refused), then ``unflagged``: a run into the
        folder without ``--resume`` or ``--overwrite`` (refused);
     4. ``resumed``: the stopped run resumed to the end.
+
+    With tracking on (MLflow and TensorBoard from rank 0), its own test reads them back.
     """
     folder = tmp_path_factory.mktemp("one_folder")
     run = RunDirectory(folder)
-    overrides = [*EQUIVALENCE, "runtime.runtime=ray"]
+    overrides = [*EQUIVALENCE, "runtime.runtime=ray", *TRACKING]
 
     def experiment(teachers=teacher_dirs):
         return small_experiment(folder, teachers, overrides)
@@ -106,6 +112,7 @@ def one_folder(tmp_path_factory, teacher_dirs) -> dict:
 
     flow["resumed"] = run_ray(experiment(), resume=True, progress=False)
     flow["resumed_steps"] = run.read(run.steps_path)
+    flow["folder"] = folder
     return flow
 
 
@@ -133,6 +140,30 @@ def test_ray_resume_refuses_another_pool_and_overwrite_starts_afresh(one_folder,
     assert [s["step"] for s in one_folder["overwritten_steps"]] == list(range(1, 31))
     assert_same_losses([s["loss"] for s in one_folder["overwritten_steps"]], inprocess_reference[:30], at_least=30)
     assert not one_folder["overwritten_kept_epoch_2"]  # the discarded run's last checkpoint is gone
+
+
+def test_a_ray_run_leaves_an_mlflow_run_from_rank_0_with_every_epoch_and_the_student(one_folder, tmp_path):
+    """Ray's own integration (``setup_mlflow`` on rank 0) into a file store in the run folder: the
+    stopped and resumed run is one MLflow run (the same Ray Train run)."""
+    mlflow = pytest.importorskip("mlflow")  # noqa: F841 - the tracking extra
+    from mtkd.tracking import MLFLOW_DIR, RUN_TAG, TENSORBOARD_DIR, read_scalars
+    from test_tracking import assert_same_weights, metric_history, mlflow_runs, student_artifact
+
+    out, summary = one_folder["folder"], one_folder["resumed"]
+    uri = (out / MLFLOW_DIR).resolve().as_uri()
+    runs = mlflow_runs(uri)  # the fresh run's (history, kept by --overwrite) and the overwritten one's
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    [run] = [r for r in runs if r.data.tags[RUN_TAG] == Path(summary["ray_run"]).name]  # stopped, then resumed
+    assert run.data.tags["mtkd.runtime"] == "ray"
+    history = RunDirectory(out).read(RunDirectory(out).metrics_path)
+    assert [m["epoch"] for m in history] == [1, 2]
+    for key in ("test/acc", "loss/total", "learner/world_size"):
+        assert metric_history(uri, run.info.run_id, key) == [(m["epoch"], pytest.approx(m[key])) for m in history]
+    assert run.data.params["runtime.runtime"] == "ray" and run.data.params["optim.epochs"] == "2"
+    # the student rank 0 exported from its final state is the one the driver wrote into the run folder
+    assert_same_weights(student_artifact(uri, run.info.run_id, tmp_path / "download"), Path(summary["student"]))
+    assert read_scalars(out / TENSORBOARD_DIR)["test/acc"] == [(m["epoch"], pytest.approx(m["test/acc"]))
+                                                              for m in history]
 
 
 def train_workers() -> list:

@@ -3,6 +3,7 @@ session's real teachers: four trials with ASHA over one teacher pool and one Red
 search killed with SIGKILL and resumed."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -206,12 +207,28 @@ def test_a_search_of_four_trials_shares_one_teacher_pool_and_one_cache(tmp_path,
                      {"distill.strategy": {"choice": ["aver", "mtkd_rl"]}, "distill.temperature": {"uniform": [2, 6]},
                       "agent.mixing": {"grid": ["static", "dynamic"]}},
                      {"num_samples": 2, "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 2})
-    spec = load_tune(path, [f"experiment.cache.url={redis_url}"])
+    tracking = importlib.util.find_spec("mlflow") is not None  # the `tracking` extra, which `make test` installs
+    spec = load_tune(path, [f"experiment.cache.url={redis_url}", *([
+        "experiment.tracking.mlflow.enabled=true", "experiment.tracking.tensorboard.enabled=true"] if tracking else [])])
     with ActorWatch(local_ray) as watch:
         summary = run_tune(spec, progress=False)
     out = capsys.readouterr().out
     search_dir = tmp_path / "search"
     rows = results(search_dir)
+
+    if tracking:  # Tune's MLflow and TensorBoard callbacks: one MLflow run per trial, every reported epoch
+        from mtkd.tracking import MLFLOW_DIR, read_scalars
+        from test_tracking import metric_history, mlflow_runs
+
+        uri = (search_dir / MLFLOW_DIR).resolve().as_uri()
+        runs = mlflow_runs(uri)  # the default experiment, "mtkd"
+        assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+        assert sorted(float(r.data.params["distill.temperature"]) for r in runs) == sorted(
+            row["params"]["distill.temperature"] for row in rows)
+        assert sorted(len(metric_history(uri, r.info.run_id, "test/acc")) for r in runs) == sorted(
+            row["epochs_run"] for row in rows)
+        for row in rows:
+            assert len(read_scalars(row["path"])["ray/tune/test/acc"]) == row["epochs_run"]
 
     # four trials, each trained (all its epochs, or until ASHA stopped it)
     assert summary["trials"] == len(rows) == 4 and summary["error"] == summary["pending"] == 0

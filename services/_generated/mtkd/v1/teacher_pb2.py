@@ -25,25 +25,25 @@ _sym_db = _symbol_database.Default()
 from services._generated.mtkd.v1 import tensor_pb2 as mtkd_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mtkd/v1/teacher.proto\x12\x07mtkd.v1\x1a\x14mtkd/v1/tensor.proto\"\x18\n\x16\x44\x65scribeTeacherRequest\"\x99\x02\n\x0bTeacherInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bnum_classes\x18\x02 \x01(\x03\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x15\n\rembedding_dim\x18\x04 \x01(\x03\x12\x15\n\rfeature_shape\x18\x05 \x03(\x03\x12\x16\n\x0eweights_digest\x18\x06 \x01(\t\x12\x11\n\tmax_batch\x18\x07 \x01(\x03\x12\r\n\x05model\x18\x08 \x01(\t\x12-\n\rpreprocessing\x18\t \x01(\x0b\x32\x16.mtkd.v1.Preprocessing\x12\x10\n\x08numerics\x18\n \x01(\t\x12\x12\n\nlogit_size\x18\x0b \x03(\x03\x12\x15\n\routput_stride\x18\x0c \x01(\x03\"P\n\rPreprocessing\x12\x0c\n\x04mean\x18\x01 \x03(\x01\x12\x0b\n\x03std\x18\x02 \x03(\x01\x12\x11\n\tpixel_min\x18\x03 \x01(\x01\x12\x11\n\tpixel_max\x18\x04 \x01(\x01\"\x9a\x01\n\x0cInferRequest\x12\x1f\n\x06images\x18\x01 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12$\n\x06\x66ields\x18\x02 \x03(\x0e\x32\x14.mtkd.v1.OutputField\x12\x16\n\x0ehalf_precision\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\x03\"\xb4\x01\n\rInferResponse\x12\x1f\n\x06logits\x18\x01 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12\"\n\tembedding\x18\x02 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12 \n\x07\x66\x65\x61ture\x18\x03 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12\x14\n\x0c\x62\x61tch_offset\x18\x04 \x01(\x03\x12\x12\n\nbatch_size\x18\x05 \x01(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\t*z\n\x0bOutputField\x12\x1c\n\x18OUTPUT_FIELD_UNSPECIFIED\x10\x00\x12\x17\n\x13OUTPUT_FIELD_LOGITS\x10\x01\x12\x1a\n\x16OUTPUT_FIELD_EMBEDDING\x10\x02\x12\x18\n\x14OUTPUT_FIELD_FEATURE\x10\x03\x32\xcb\x01\n\x0eTeacherService\x12\x41\n\x08\x44\x65scribe\x12\x1f.mtkd.v1.DescribeTeacherRequest\x1a\x14.mtkd.v1.TeacherInfo\x12\x36\n\x05Infer\x12\x15.mtkd.v1.InferRequest\x1a\x16.mtkd.v1.InferResponse\x12>\n\x0bInferStream\x12\x15.mtkd.v1.InferRequest\x1a\x16.mtkd.v1.InferResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mtkd/v1/teacher.proto\x12\x07mtkd.v1\x1a\x14mtkd/v1/tensor.proto\"\x18\n\x16\x44\x65scribeTeacherRequest\"\xb1\x02\n\x0bTeacherInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bnum_classes\x18\x02 \x01(\x03\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x15\n\rembedding_dim\x18\x04 \x01(\x03\x12\x15\n\rfeature_shape\x18\x05 \x03(\x03\x12\x16\n\x0eweights_digest\x18\x06 \x01(\t\x12\x11\n\tmax_batch\x18\x07 \x01(\x03\x12\r\n\x05model\x18\x08 \x01(\t\x12-\n\rpreprocessing\x18\t \x01(\x0b\x32\x16.mtkd.v1.Preprocessing\x12\x10\n\x08numerics\x18\n \x01(\t\x12\x12\n\nlogit_size\x18\x0b \x03(\x03\x12\x15\n\routput_stride\x18\x0c \x01(\x03\x12\x16\n\x0elogit_channels\x18\r \x01(\x03\"P\n\rPreprocessing\x12\x0c\n\x04mean\x18\x01 \x03(\x01\x12\x0b\n\x03std\x18\x02 \x03(\x01\x12\x11\n\tpixel_min\x18\x03 \x01(\x01\x12\x11\n\tpixel_max\x18\x04 \x01(\x01\"\x9a\x01\n\x0cInferRequest\x12\x1f\n\x06images\x18\x01 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12$\n\x06\x66ields\x18\x02 \x03(\x0e\x32\x14.mtkd.v1.OutputField\x12\x16\n\x0ehalf_precision\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\x03\"\xb4\x01\n\rInferResponse\x12\x1f\n\x06logits\x18\x01 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12\"\n\tembedding\x18\x02 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12 \n\x07\x66\x65\x61ture\x18\x03 \x01(\x0b\x32\x0f.mtkd.v1.Tensor\x12\x14\n\x0c\x62\x61tch_offset\x18\x04 \x01(\x03\x12\x12\n\nbatch_size\x18\x05 \x01(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\t*z\n\x0bOutputField\x12\x1c\n\x18OUTPUT_FIELD_UNSPECIFIED\x10\x00\x12\x17\n\x13OUTPUT_FIELD_LOGITS\x10\x01\x12\x1a\n\x16OUTPUT_FIELD_EMBEDDING\x10\x02\x12\x18\n\x14OUTPUT_FIELD_FEATURE\x10\x03\x32\xcb\x01\n\x0eTeacherService\x12\x41\n\x08\x44\x65scribe\x12\x1f.mtkd.v1.DescribeTeacherRequest\x1a\x14.mtkd.v1.TeacherInfo\x12\x36\n\x05Infer\x12\x15.mtkd.v1.InferRequest\x1a\x16.mtkd.v1.InferResponse\x12>\n\x0bInferStream\x12\x15.mtkd.v1.InferRequest\x1a\x16.mtkd.v1.InferResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mtkd.v1.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTFIELD']._serialized_start=788
-  _globals['_OUTPUTFIELD']._serialized_end=910
+  _globals['_OUTPUTFIELD']._serialized_start=812
+  _globals['_OUTPUTFIELD']._serialized_end=934
   _globals['_DESCRIBETEACHERREQUEST']._serialized_start=56
   _globals['_DESCRIBETEACHERREQUEST']._serialized_end=80
   _globals['_TEACHERINFO']._serialized_start=83
-  _globals['_TEACHERINFO']._serialized_end=364
-  _globals['_PREPROCESSING']._serialized_start=366
-  _globals['_PREPROCESSING']._serialized_end=446
-  _globals['_INFERREQUEST']._serialized_start=449
-  _globals['_INFERREQUEST']._serialized_end=603
-  _globals['_INFERRESPONSE']._serialized_start=606
-  _globals['_INFERRESPONSE']._serialized_end=786
-  _globals['_TEACHERSERVICE']._serialized_start=913
-  _globals['_TEACHERSERVICE']._serialized_end=1116
+  _globals['_TEACHERINFO']._serialized_end=388
+  _globals['_PREPROCESSING']._serialized_start=390
+  _globals['_PREPROCESSING']._serialized_end=470
+  _globals['_INFERREQUEST']._serialized_start=473
+  _globals['_INFERREQUEST']._serialized_end=627
+  _globals['_INFERRESPONSE']._serialized_start=630
+  _globals['_INFERRESPONSE']._serialized_end=810
+  _globals['_TEACHERSERVICE']._serialized_start=937
+  _globals['_TEACHERSERVICE']._serialized_end=1140
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,7 @@ class DescribeTeacherRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TeacherInfo(_message.Message):
-    __slots__ = ("name", "num_classes", "input_shape", "embedding_dim", "feature_shape", "weights_digest", "max_batch", "model", "preprocessing", "numerics", "logit_size", "output_stride")
+    __slots__ = ("name", "num_classes", "input_shape", "embedding_dim", "feature_shape", "weights_digest", "max_batch", "model", "preprocessing", "numerics", "logit_size", "output_stride", "logit_channels")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class TeacherInfo(_message.Message):
     NUMERICS_FIELD_NUMBER: _ClassVar[int]
     LOGIT_SIZE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_classes: int
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -49,7 +50,8 @@ class TeacherInfo(_message.Message):
     numerics: str
     logit_size: _containers.RepeatedScalarFieldContainer[int]
     output_stride: int
-    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., embedding_dim: _Optional[int] = ..., feature_shape: _Optional[_Iterable[int]] = ..., weights_digest: _Optional[str] = ..., max_batch: _Optional[int] = ..., model: _Optional[str] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., numerics: _Optional[str] = ..., logit_size: _Optional[_Iterable[int]] = ..., output_stride: _Optional[int] = ...) -> None: ...
+    logit_channels: int
+    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., embedding_dim: _Optional[int] = ..., feature_shape: _Optional[_Iterable[int]] = ..., weights_digest: _Optional[str] = ..., max_batch: _Optional[int] = ..., model: _Optional[str] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., numerics: _Optional[str] = ..., logit_size: _Optional[_Iterable[int]] = ..., output_stride: _Optional[int] = ..., logit_channels: _Optional[int] = ...) -> None: ...
 
 class Preprocessing(_message.Message):
     __slots__ = ("mean", "std", "pixel_min", "pixel_max")
