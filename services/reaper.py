@@ -127,11 +127,12 @@ def watch(parent: int, pipe_fd: int, run_dir: str | None = None) -> None:
     born = int((_stat(me) or ["0"] * 20)[19])
     while True:
         for pid, start in tree(parent).items():
-            if pid != me and int(start) > born and pid not in recorded:
+            if pid != me and int(start) > born:
                 recorded[pid] = start
-                log_dir = raylet_log_dir(pid)
-                if log_dir and log_dir not in log_dirs:
-                    log_dirs.append(log_dir)
+                if run_dir:  # every time: a process read between its fork and its exec is not a raylet yet
+                    log_dir = raylet_log_dir(pid)
+                    if log_dir and log_dir not in log_dirs:
+                        log_dirs.append(log_dir)
         readable, _, _ = select.select([pipe_fd], [], [], POLL_S)
         if readable:
             chunk = os.read(pipe_fd, 4096)

@@ -202,6 +202,20 @@ class OneRayAtATime:
         return Scheduler(config, log)
 
 
+@pytest.fixture(autouse=True)
+def ray_tests_first(request):
+    """Under `make test` (two workers), a test of a module without Ray runs at a lower CPU priority (nice
+    10, inherited by what it starts) and a Ray test at the normal one: the Ray modules, one after the
+    other on one worker, are the suite's longest path, and the other worker has time to spare. Only
+    where the priority can be raised again (root, as in CI); elsewhere nothing changes."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or os.geteuid() != 0:
+        yield
+        return
+    test_file = str(Path(request.node.path).relative_to(Path(__file__).parent.parent))
+    os.setpriority(os.PRIO_PROCESS, 0, 0 if uses_ray(test_file) else 10)
+    yield
+
+
 def pytest_configure(config):
     if config.pluginmanager.has_plugin("xdist"):  # its hooks exist only with the plugin
         config.pluginmanager.register(OneRayAtATime(), "mtkd-one-ray-at-a-time")

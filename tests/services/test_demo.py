@@ -59,14 +59,16 @@ def teacher_cache(tmp_path_factory) -> Path:
 def test_demo_runs_end_to_end_on_ray_and_reuses_its_teachers(tmp_path, teacher_cache):
     command = [sys.executable, "-m", "services.cli", "demo"]
     overrides = [f"cache_dir={teacher_cache}", f"output_dir={tmp_path / 'demo'}", *TINY]
-    first = subprocess.run([*command, *overrides], cwd=REPO, capture_output=True, text=True, timeout=900)
+    # three of the demo's strategies (camkd's column is format_table's test): one Ray Train start less
+    first = subprocess.run([*command, *overrides, "strategies=[ce, aver, mtkd_rl]"], cwd=REPO, capture_output=True,
+                           text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Traceback" not in first.stderr and "core_worker" not in first.stderr, first.stderr[-3000:]
-    assert first.stderr.count("epoch 2/2") == 4  # one line per epoch and run, no repeats
+    assert first.stderr.count("epoch 2/2") == 3  # one line per epoch and run, no repeats
     table = first.stdout[: first.stdout.index("\nplots:")]
-    assert re.search(r"resnet8\s+student\s+mtkd_rl\s+\d+\.\d\d%(\s+[+-]\d+\.\d\d){3}", table), table
+    assert re.search(r"resnet8\s+student\s+mtkd_rl\s+\d+\.\d\d%(\s+[+-]\d+\.\d\d){2}", table), table
     summary = json.loads(first.stdout[first.stdout.index("{"):])
-    assert {r["strategy"] for r in summary["table"] if r["role"] == "student"} == {"ce", "aver", "camkd", "mtkd_rl"}
+    assert {r["strategy"] for r in summary["table"] if r["role"] == "student"} == {"ce", "aver", "mtkd_rl"}
     for plot in ("comparison_plot", "class_trust_plot"):
         assert Path(summary[plot]).stat().st_size > 5000, plot
     mtkd_rl = [json.loads(line) for line in (tmp_path / "demo" / "mtkd_rl" / "metrics.jsonl").read_text().splitlines()]

@@ -38,10 +38,12 @@ from services.reaper import reaping
 how = sys.argv[3]
 try:
     with reaping(sys.argv[1]):
+        time.sleep(0.3)  # the watchdog is up (it records what starts after it)
         # a raylet (its program named raylet) whose log says an agent failed, as the private Ray's does
         subprocess.Popen(["bash", "-c", f"exec -a raylet {sys.executable} -c 'import time; time.sleep(60)' "
-                          f"--log_dir={sys.argv[2]}"], start_new_session=True)
-        time.sleep(1.2)  # recorded (every 0.5 s)
+                          f"--log_dir={sys.argv[2]}"], start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # not the pipe the test reads
+        time.sleep(2.0)  # recorded (every 0.5 s)
         if how == "ray-ends-it":
             os._exit(1)  # as Ray's client ends the process: no Python code runs after it
         if how.startswith("error"):
