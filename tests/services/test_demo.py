@@ -21,8 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 # One torch thread for teachers and students: on a busy 2-core machine two OpenMP threads crawl (the
 # benchmark's six tiny runs measured 85 s with two threads, 15 s with one). Not part of a teacher's cache key.
 ONE_THREAD = ["teacher.threads=1", "student.runtime.threads=1"]
-# The teachers are those of the accuracy benchmark's --quick mode (512 images, 500 test images, one epoch):
-# both tests share one teacher cache, so the benchmark reuses the demo's teachers instead of training its own.
+# The teachers are those of the accuracy benchmark's --quick mode (512 images, 500 test images, one epoch).
 TINY = ["teacher.data.train_subset=512", "teacher.data.test_subset=500", "teacher.optim.epochs=1",
         "teacher_models=[resnet8, vgg8]", "student.data.train_subset=256", "student.data.test_subset=300",
         "student.optim.epochs=2", "student.optim.milestones=[1]", "student.runtime.teacher_precision=fp32", *ONE_THREAD]
@@ -50,7 +49,7 @@ def test_format_table_adds_a_camkd_column_when_camkd_ran():
 
 @pytest.fixture(scope="module")
 def teacher_cache(tmp_path_factory) -> Path:
-    """One ``cache_dir`` for the module's demo and benchmark runs (their teacher configs are the same)."""
+    """One ``cache_dir`` for the demo test's two runs (the second reuses the first's teachers)."""
     return tmp_path_factory.mktemp("teachers")
 
 
@@ -81,22 +80,3 @@ def test_demo_runs_end_to_end_on_ray_and_reuses_its_teachers(tmp_path, teacher_c
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("reusing") == 2 and "training on" not in again.stderr
-
-
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
-def test_accuracy_benchmark_quick_mode(tmp_path, teacher_cache):
-    # the demo test's teachers when it ran first (the same teacher config): reused, not trained again
-    run = subprocess.run([sys.executable, "benchmarks/accuracy.py", "--quick", "--seeds", "0", "1",
-                          "--strategies", "ce", "aver", "mtkd_rl", "--output-dir", str(tmp_path / "acc"),
-                          f"cache_dir={teacher_cache}", "teacher_models=[resnet8, vgg8]",
-                          "student.runtime.teacher_precision=fp32", *ONE_THREAD],
-                         cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout)
-    assert set(report["strategies"]) == {"ce", "aver", "mtkd_rl"} and report["seeds"] == [0, 1]
-    for entry in report["strategies"].values():
-        assert len(entry["final"]["values"]) == 2 and all(0 < v <= 1 for v in entry["final"]["values"])
-    # per seed, aver computes the teachers' outputs and mtkd_rl (same batches) reads them all
-    assert report["strategies"]["aver"]["cache_hit_rate"] < 0.5
-    assert report["strategies"]["mtkd_rl"]["cache_hit_rate"] == 1.0
-    assert (tmp_path / "acc" / "accuracy.png").stat().st_size > 5000
